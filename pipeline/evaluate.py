@@ -1,0 +1,74 @@
+"""Test-split metrics of trained heads, in the shape ``dvc metrics`` compares."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    f1_score,
+    precision_recall_fscore_support,
+    top_k_accuracy_score,
+)
+
+
+def head_metrics(y_true, y_pred, scores, n_classes: int, top_k=(3, 5)) -> dict:
+    """accuracy, mean per-class accuracy, top-k (only where k < classes), macro F1, n_test."""
+    y_true = np.asarray(y_true)
+    labels = np.arange(n_classes)
+    m = {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        # Balanced accuracy is the mean over classes of per-class recall.
+        "mean_class_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
+    }
+    for k in sorted(set(top_k)):
+        if n_classes > k:
+            m[f"top{k}_accuracy"] = float(top_k_accuracy_score(y_true, scores, k=k, labels=labels))
+    m["macro_f1"] = float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0))
+    m["n_test"] = int(len(y_true))
+    return m
+
+
+def per_class_rows(head: str, y_true, y_pred, classes: list[str]) -> list[list]:
+    """Rows head, class, support, accuracy (= recall), precision, f1."""
+    labels = np.arange(len(classes))
+    p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
+    return [
+        [head, c, int(s[i]), round(float(r[i]), 6), round(float(p[i]), 6), round(float(f[i]), 6)]
+        for i, c in enumerate(classes)
+    ]
+
+
+def run_evaluate(*, features_file, models_dir, top_k, reports_dir) -> dict:
+    """The ``evaluate`` stage: metrics.json, per_class.csv and confusion_<head>.csv."""
+    from pathlib import Path
+
+    from pipeline.errors import PipelineError
+    from pipeline.features import CHECKED_ATTRS, read_features
+    from pipeline.fileio import write_csv, write_json
+    from pipeline.heads import HEADS, load_head, scores
+
+    fs = read_features(features_file)
+    X, y = fs.subset("test")
+    if len(y) == 0:
+        raise PipelineError(f"{features_file} has no test rows; check the prepare stage's split")
+    expected = {k: fs.attrs[k] for k in CHECKED_ATTRS}
+    expected["classes"] = fs.classes
+    reports = Path(reports_dir)
+    metrics, per_class = {}, []
+    for name in HEADS:
+        head = load_head(Path(models_dir) / f"{name}.joblib", expected)
+        est = head["estimator"]
+        pred = est.predict(X)
+        metrics[name] = head_metrics(y, pred, scores(est, X), len(fs.classes), top_k)
+        per_class += per_class_rows(name, y, pred, fs.classes)
+        write_csv(
+            reports / f"confusion_{name}.csv",
+            ["actual", "predicted"],
+            [[fs.classes[a], fs.classes[p]] for a, p in zip(y, pred)],
+        )
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics[name].items() if k != "n_test")
+        print(f"evaluate: {name} on {len(y)} test images: {shown}", flush=True)
+    write_csv(reports / "per_class.csv", ["head", "class", "support", "accuracy", "precision", "f1"], per_class)
+    write_json(reports / "metrics.json", metrics)
+    return metrics

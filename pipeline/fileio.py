@@ -1,0 +1,79 @@
+"""Writing outputs so that a later stage never reads a half-written file.
+
+Every output is written to a temporary file beside its final path and renamed
+into place only when complete; ``os.replace`` is atomic on one filesystem.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import errno
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from pipeline.errors import PipelineError
+
+
+def _os_error(path, e: OSError) -> PipelineError:
+    what = {
+        errno.ENOSPC: "no space left on device",
+        errno.EACCES: "permission denied",
+        errno.EROFS: "read-only file system",
+        errno.EPERM: "operation not permitted",
+    }.get(e.errno, e.strerror or str(e))
+    return PipelineError(f"cannot write {path}: {what}; free space or choose a writable folder")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = ""):
+    """Yield a temporary path next to ``path``; move it to ``path`` on success.
+
+    On any exception the temporary file is removed and ``path`` is untouched.
+
+    Example:
+        >>> with atomic_path("out.h5") as tmp:  # doctest: +SKIP
+        ...     write_everything(tmp)
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix + ".tmp", dir=path.parent)
+        os.close(fd)
+    except OSError as e:
+        raise _os_error(path, e) from None
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise _os_error(path, e) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json(path, obj) -> None:
+    """Write ``obj`` as indented JSON, atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def write_csv(path, header: list[str], rows) -> None:
+    """Write rows under a header as CSV, atomically."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(header)
+            w.writerows(rows)
+
+
+def read_json(path, what: str):
+    """Read a JSON file that an earlier stage wrote; ``what`` names it in errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"{what} not found at {path}; run the earlier stages first (dvc repro)")
+    return json.loads(path.read_text(encoding="utf-8"))

@@ -1,0 +1,137 @@
+"""The HDF5 cache and the heads: schema, atomic writes, stale-cache refusals."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.backbones import load_backbone
+from pipeline.errors import PipelineError
+from pipeline.features import extract_features, read_features
+from pipeline.heads import load_head, make_head, save_head, scores
+from pipeline.params import load_params
+
+
+@pytest.fixture
+def tiny_images(tmp_path):
+    """12 small generated images in two colour classes, plus one corrupt file."""
+    root = tmp_path / "imgs"
+    rng = np.random.default_rng(0)
+    rows = []
+    for label, colour in enumerate([(200, 30, 30), (30, 30, 200)]):
+        (root / f"c{label}").mkdir(parents=True)
+        for i in range(6):
+            a = np.clip(rng.normal(colour, 40, size=(40, 56, 3)), 0, 255).astype(np.uint8)
+            path = root / f"c{label}" / f"{i}.jpg"
+            Image.fromarray(a).save(path)
+            sha = hashlib.sha256(path.read_bytes()).hexdigest()
+            rows.append((f"c{label}/{i}.jpg", label, "test" if i < 2 else "train", sha))
+    bad = root / "c0" / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8\xff not really a jpeg")
+    rows.append(("c0/bad.jpg", 0, "train", hashlib.sha256(bad.read_bytes()).hexdigest()))
+    return root, rows
+
+
+def test_extract_writes_schema_skips_corrupt_and_matches_direct_forward(tmp_path, tiny_images):
+    root, rows = tiny_images
+    bb = load_backbone("resnet18", "none")
+    out = tmp_path / "feat" / "resnet18.h5"
+    res = extract_features(bb, root=root, rows=rows, classes=["c0", "c1"], out_path=out, batch_size=5)
+    assert res.n_images == 12 and res.n_skipped == 1
+    assert res.skipped[0]["path"] == "c0/bad.jpg" and "image" in res.skipped[0]["reason"]
+    with h5py.File(out) as h5:
+        assert h5["features"].shape == (12, 512)
+        assert list(h5["paths"].asstr()[:]) == [r[0] for r in rows[:12]]
+        assert list(h5["labels"][:]) == [r[1] for r in rows[:12]]
+        assert json.loads(h5.attrs["classes"]) == ["c0", "c1"]
+        assert h5.attrs["weights"] == "none"
+        first = h5["features"][0]
+    # The cached row equals a direct forward pass of the same image.
+    from pipeline.images import load_rgb
+
+    with torch.no_grad():
+        direct = bb.features(bb.transform(load_rgb(root / rows[0][0]))[None])[0].numpy()
+    np.testing.assert_allclose(first, direct, rtol=1e-4, atol=1e-5)
+    assert [p.name for p in out.parent.iterdir()] == ["resnet18.h5"]  # no temporary left
+
+
+def test_failed_extract_leaves_no_file(tmp_path, tiny_images):
+    root, rows = tiny_images
+    bb = load_backbone("resnet18", "none")
+
+    class Boom(torch.nn.Module):
+        def forward(self, x):
+            raise RuntimeError("model crashed")
+
+    bb.features = Boom()
+    out = tmp_path / "feat" / "resnet18.h5"
+    with pytest.raises(RuntimeError):
+        extract_features(bb, root=root, rows=rows, classes=["c0", "c1"], out_path=out)
+    assert not out.parent.exists() or list(out.parent.iterdir()) == []
+
+
+def test_changed_image_is_skipped_not_mixed_in(tmp_path, tiny_images):
+    root, rows = tiny_images
+    rows = rows[:12]
+    rows[3] = (rows[3][0], rows[3][1], rows[3][2], "0" * 64)  # manifest hash no longer matches
+    res = extract_features(
+        load_backbone("resnet18", "none"), root=root, rows=rows, classes=["c0", "c1"], out_path=tmp_path / "f.h5"
+    )
+    assert res.n_images == 11 and "changed since" in res.skipped[0]["reason"]
+
+
+def test_read_features_refuses_stale_cache(tmp_path, tiny_images):
+    root, rows = tiny_images
+    out = tmp_path / "f.h5"
+    extract_features(load_backbone("resnet18", "none"), root=root, rows=rows, classes=["c0", "c1"], out_path=out)
+    fs = read_features(out, {"backbone": "resnet18", "classes": ["c0", "c1"]})
+    assert fs.subset("train")[0].shape == (8, 512)
+    with pytest.raises(PipelineError, match="backbone='resnet18'.*'resnet50'.*dvc repro"):
+        read_features(out, {"backbone": "resnet50"})
+    with pytest.raises(PipelineError, match="classes"):
+        read_features(out, {"classes": ["c0", "c1", "c2"]})
+    with pytest.raises(PipelineError, match="not found"):
+        read_features(tmp_path / "missing.h5")
+
+
+def test_heads_fit_predict_save_and_refuse_stale(tmp_path):
+    rng = np.random.default_rng(0)
+    X = np.concatenate([rng.normal(0, 1, (30, 8)), rng.normal(2, 1, (30, 8)), rng.normal(-2, 1, (30, 8))])
+    y = np.repeat([0, 1, 2], 30)
+    prov = {"backbone": "resnet18", "weights": "none", "weights_sha256": "", "transform": "t"}
+    for name in ("logreg", "svm"):
+        search = make_head(name, C=[0.01, 1.0], cv_folds=3, y=y).fit(X, y)
+        assert search.best_estimator_.named_steps["scale"].__class__.__name__ == "StandardScaler"
+        assert (search.predict(X) == y).mean() > 0.9
+        assert scores(search.best_estimator_, X).shape == (90, 3)
+        path = tmp_path / f"{name}.joblib"
+        save_head(path, search, prov, ["a", "b", "c"])
+        assert load_head(path, dict(prov, classes=["a", "b", "c"]))["best_C"] in (0.01, 1.0)
+        with pytest.raises(PipelineError, match="stale"):
+            load_head(path, {"backbone": "vgg16"})
+        with pytest.raises(PipelineError, match="stale"):
+            load_head(path, {"classes": ["a", "b"]})
+
+
+def test_head_parameter_errors():
+    with pytest.raises(PipelineError, match="unknown head 'forest'; accepted: logreg, svm"):
+        make_head("forest", C=1.0)
+    with pytest.raises(PipelineError, match="heads.logreg.C"):
+        make_head("logreg", C=[-1])
+    with pytest.raises(PipelineError, match="at least 2 training images per class"):
+        make_head("logreg", C=1.0, y=np.array([0, 0, 1]))
+
+
+def test_unknown_params_key_is_named(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text("heads:\n  logreg:\n    c: [1.0]\n")
+    with pytest.raises(PipelineError, match=r"unknown params key 'heads.logreg.c'.*accepted here: C, max_iter"):
+        load_params(p)
+    p.write_text("backbone:\n  name: vgg16\n")
+    assert load_params(p)["backbone"] == {"name": "vgg16", "weights": "DEFAULT"}

@@ -1,0 +1,102 @@
+"""The real ``dvc repro`` on the real sample photos, with the offline backbone."""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.sample_data]
+
+
+def _repro_folder(project, folder, **extra):
+    project.set_params(
+        data={"source": "folder", "folder": str(folder), "test_fraction": 0.2, "seed": 0},
+        backbone={"name": "efficientnet_lite0", "weights": "DEFAULT"},
+        **extra,
+    )
+    project.commit("use the sample folder")
+    return project.dvc("repro")
+
+
+def _check_schema(h5_path, n_expected, classes):
+    with h5py.File(h5_path, "r") as h5:
+        assert h5["features"].shape == (n_expected, 1280)
+        assert h5["features"].dtype == np.float32
+        assert h5["labels"].shape == (n_expected,)
+        assert np.issubdtype(h5["labels"].dtype, np.integer)
+        paths = h5["paths"].asstr()[:]
+        splits = h5["splits"].asstr()[:]
+        assert len(set(paths)) == n_expected
+        assert set(splits) == {"train", "test"}
+        assert set(h5["labels"][:]) == set(range(len(classes)))
+        for key in ("backbone", "weights", "weights_sha256", "transform", "torch_version"):
+            assert h5.attrs[key], key
+        assert h5.attrs["backbone"] == "efficientnet_lite0"
+        assert "center crop 224" in h5.attrs["transform"]
+        assert len(h5.attrs["weights_sha256"]) == 64
+        assert np.isfinite(h5["features"][:]).all()
+        return paths, splits
+
+
+def test_catsdogs_repro_metrics_schema_and_granular_rerun(project, catsdogs):
+    _repro_folder(project, catsdogs)
+    root = project.path
+
+    manifest = (root / "data/prepared/manifest.csv").read_text().splitlines()
+    assert manifest[0].startswith("path,label,split")
+    assert len(manifest) - 1 == 240
+    classes = json.loads((root / "data/prepared/classes.json").read_text())
+    assert classes == ["cat", "dog"]
+
+    h5_path = root / "data/features/efficientnet_lite0.h5"
+    paths, splits = _check_schema(h5_path, 240, classes)
+    assert (splits == "test").sum() == 48  # 20 % of each class
+
+    metrics = json.loads((root / "reports/metrics.json").read_text())
+    assert set(metrics) == {"logreg", "svm"}
+    assert metrics["logreg"]["accuracy"] >= 0.93, metrics
+    assert metrics["logreg"]["n_test"] == 48
+    for head in metrics.values():
+        assert {"accuracy", "mean_class_accuracy", "macro_f1", "n_test"} <= set(head)
+        assert "top3_accuracy" not in head  # only two classes
+    confusion = (root / "reports/confusion_logreg.csv").read_text().splitlines()
+    assert confusion[0] == "actual,predicted" and len(confusion) == 49
+    assert (root / "reports/per_class.csv").is_file()
+
+    # DVC's own views of the results work.
+    shown = project.dvc("metrics", "show", "--json").stdout
+    assert "logreg" in shown and "accuracy" in shown
+    project.dvc("plots", "show", "-o", str(project.path / "plots_html"))
+    assert (project.path / "plots_html" / "index.html").is_file()
+
+    # Changing only a head's C re-runs that head and the evaluation, not extract.
+    project.commit("first run")
+    before = h5_path.stat().st_mtime_ns
+    project.set_params(heads={"logreg": {"C": [0.5]}})
+    out = project.dvc("repro").stdout
+    assert "Stage 'extract' didn't change, skipping" in out, out
+    assert "Running stage 'train_heads@logreg'" in out, out
+    assert "Stage 'train_heads@svm' didn't change, skipping" in out, out
+    assert h5_path.stat().st_mtime_ns == before
+    cv = json.loads((root / "reports/cv_logreg.json").read_text())
+    assert cv["best_C"] == 0.5
+
+    # metrics diff compares against the committed run.
+    diff = project.dvc("metrics", "diff", "HEAD", "--json").stdout
+    assert "reports/metrics.json" in diff or diff.strip() in ("{}", "")
+
+
+def test_dogbreeds10_reports_topk(project, dogbreeds10):
+    _repro_folder(project, dogbreeds10, heads={"cv_folds": 3})
+    root = project.path
+    classes = json.loads((root / "data/prepared/classes.json").read_text())
+    assert len(classes) == 10
+    metrics = json.loads((root / "reports/metrics.json").read_text())
+    for head, m in metrics.items():
+        assert m["top3_accuracy"] >= m["accuracy"], (head, m)
+        assert m["top5_accuracy"] >= m["top3_accuracy"], (head, m)
+    # Real ImageNet features separate dog breeds far better than chance (0.1).
+    assert metrics["logreg"]["accuracy"] >= 0.6, metrics
