@@ -1,0 +1,542 @@
+"""From a dataset source to a manifest: which images, with which label, in which split.
+
+Every source (a folder of ``<class>/<image>``, the Microsoft Cats vs Dogs
+archive, the Oxford-IIIT Pet archives) ends in the same four files in
+``out_dir``, each written atomically:
+
+``manifest.csv``
+    ``path,label,split,sha256``: one row per usable image; ``path`` is POSIX
+    and relative to the dataset root, ``label`` is the class name, ``split`` is
+    ``train`` or ``test``, ``sha256`` is of the file's bytes. Rows are sorted
+    by (split, label, path), so the same data always gives the same bytes.
+``classes.json``
+    The class names; a label's integer id is its index in this list (sorted by
+    name, except Oxford-IIIT Pet, which keeps its official class-id order).
+``rejected.json``
+    ``[{"path", "reason"}]`` for every file of the dataset that is not used.
+``dataset.json``
+    ``source``, ``root``, ``n_train``, ``n_test``, ``n_rejected``, ``classes``
+    (their number), and ``archive_sha256`` for cats-vs-dogs. Written last: it
+    is present only when the other three are complete.
+
+Every image is checked with :func:`pipeline.images.load_rgb`, the same decoder
+feature extraction uses, so a file that passes here decodes there. Nothing in
+the user's folders is ever written, moved or deleted.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import numbers
+import os
+import re
+import urllib.parse
+import zlib
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+
+import numpy as np
+from tqdm import tqdm
+
+from pipeline.download import download, file_digest, safe_extract
+from pipeline.errors import BadImage, PipelineError
+from pipeline.fileio import write_csv, write_json
+from pipeline.images import IMAGE_EXTENSIONS, load_rgb
+
+SOURCES = ("cats-vs-dogs", "folder", "oxford-iiit-pet")
+
+OXFORD_BASE_URL = "https://www.robots.ox.ac.uk/~vgg/data/pets/data/"
+#: The checksums torchvision's ``OxfordIIITPet`` verifies.
+OXFORD_MD5 = MappingProxyType({
+    "images.tar.gz": "5c4f3ee8e5d25df40f4fd59a7f44e54c",
+    "annotations.tar.gz": "95a8c909bbe2e81eed6a22bccdf3f68f",
+})
+CATSDOGS_URL = ("https://download.microsoft.com/download/3/E/1/"
+                "3E1C3F21-ECDB-4869-8368-6DEBA77B919F/kagglecatsanddogs_5340.zip")
+
+MANIFEST_HEADER = ["path", "label", "split", "sha256"]
+#: Images are checked at this size: JPEGs then decode at a reduced scale, which
+#: still finds truncated and corrupt files, several times faster.
+CHECK_SIZE = (224, 224)
+#: Each class needs one image to train on and one to test on.
+MIN_IMAGES_PER_CLASS = 2
+
+_LAYOUT = "expected <class>/<image>"
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """The prepare stage's output, read back and checked.
+
+    Attributes:
+        root: the dataset root that manifest paths are relative to.
+        classes: class names; a label index points into this list.
+        rows: ``(path, label_index, split, sha256)`` in manifest order.
+    """
+
+    root: Path
+    classes: list[str]
+    rows: list[tuple[str, int, str, str]]
+
+
+@dataclass
+class _Listing:
+    """A dataset's files before their content is checked.
+
+    ``candidates`` holds ``(path, label, split)``; ``split`` is None where it is
+    still to be drawn. ``rejected`` holds files already known to be unusable.
+    """
+
+    classes: list[str] = field(default_factory=list)
+    candidates: list[tuple[str, str, str | None]] = field(default_factory=list)
+    rejected: list[dict] = field(default_factory=list)
+
+    def reject(self, path: str, reason: str) -> None:
+        self.rejected.append({"path": _shown(path), "reason": reason})
+
+
+def prepare(*, source: str, out_dir, folder=None, download_dir="data/raw", test_fraction=0.2,
+            seed=0, oxford_base_url=OXFORD_BASE_URL, oxford_md5=OXFORD_MD5,
+            catsdogs_url=CATSDOGS_URL, catsdogs_sha256=None) -> dict:
+    """List a dataset's usable images, their labels and split into ``out_dir``.
+
+    Args:
+        source: ``folder``, ``cats-vs-dogs`` or ``oxford-iiit-pet``.
+        out_dir: where the four output files go (see the module docstring).
+        folder: for ``folder``: the dataset root, laid out as ``<class>/<image>``;
+            recorded in dataset.json as given, not resolved.
+        download_dir: where archives are downloaded and extracted.
+        test_fraction: for ``folder`` and ``cats-vs-dogs``: the share of each
+            class held out for testing, in (0, 1). Oxford uses its official split.
+        seed: the split's random seed (a non-negative integer).
+        oxford_base_url, oxford_md5: where the Oxford archives are, and their
+            md5 by file name (a missing or empty entry skips that check).
+        catsdogs_url, catsdogs_sha256: the Cats vs Dogs archive and, optionally,
+            its pinned sha256 (no official checksum is published; without one
+            the archive's integrity is checked and its sha256 recorded).
+
+    Returns:
+        The contents of dataset.json.
+
+    Raises:
+        PipelineError: unknown source, bad parameter, missing folder, a class
+            with fewer than 2 usable images, a failed download or checksum.
+
+    Example:
+        >>> prepare(source="folder", folder="data/images",
+        ...         out_dir="data/prepared")  # doctest: +SKIP
+        prepare: folder data/images: 240 images in 2 classes (192 train / 48 test), 3 rejected
+    """
+    _check_split_params(test_fraction, seed)
+    out_dir = Path(out_dir)
+    extra = {}
+    if source == "folder":
+        if not folder:
+            raise PipelineError("data.source is 'folder' but data.folder is empty; set it to "
+                                "a folder of images laid out as <class>/<image>")
+        root, shown = Path(folder), str(folder)
+        listing = _list_class_folders(root, shown)
+    elif source == "cats-vs-dogs":
+        root, extra["archive_sha256"] = _fetch_cats_vs_dogs(
+            Path(download_dir), catsdogs_url, catsdogs_sha256)
+        shown = root.as_posix()
+        listing = _list_class_folders(root, shown)
+    elif source == "oxford-iiit-pet":
+        root = _fetch_oxford(Path(download_dir), oxford_base_url, oxford_md5)
+        shown = root.as_posix()
+        listing = _list_oxford(root)
+    else:
+        raise PipelineError(f"unknown data.source '{source}'; accepted: {', '.join(SOURCES)}")
+
+    print(f"prepare: {source} {shown}: {len(listing.classes)} classes, "
+          f"checking {len(listing.candidates)} images", flush=True)
+    usable = _check_candidates(root, listing)
+    if source != "oxford-iiit-pet":  # the others have no official split: draw one
+        _require_images_per_class(listing, usable, shown, out_dir)
+        usable = _stratified_split(usable, test_fraction, seed)
+
+    rows = sorted(usable, key=lambda r: (r[2], r[1], r[0]))
+    splits = Counter(split for _, _, split, _ in rows)
+    info = {"source": source, "root": shown, "n_train": splits["train"],
+            "n_test": splits["test"], "n_rejected": len(listing.rejected),
+            "classes": len(listing.classes), **extra}
+
+    _write_rejected(out_dir, listing.rejected)
+    write_json(out_dir / "classes.json", listing.classes)
+    write_csv(out_dir / "manifest.csv", MANIFEST_HEADER, rows)
+    write_json(out_dir / "dataset.json", info)
+    print(f"prepare: {source} {shown}: {len(rows)} images in {len(listing.classes)} classes "
+          f"({info['n_train']} train / {info['n_test']} test), {info['n_rejected']} rejected",
+          flush=True)
+    if listing.rejected:
+        print(f"prepare: {_plural(len(listing.rejected), 'file')} rejected; reasons in "
+              f"{out_dir / 'rejected.json'}", flush=True)
+    return info
+
+
+def read_prepared(out_dir) -> Prepared:
+    """Read and cross-check what :func:`prepare` wrote to ``out_dir``.
+
+    Raises:
+        PipelineError: a file is missing (run the prepare stage first) or the
+            files disagree with each other.
+
+    Example:
+        >>> p = read_prepared("data/prepared")  # doctest: +SKIP
+        >>> path, label, split, sha256 = p.rows[0]  # doctest: +SKIP
+    """
+    out_dir = Path(out_dir)
+    again = "run the prepare stage again (dvc repro prepare)"
+    for name in ("dataset.json", "classes.json", "manifest.csv"):
+        if not (out_dir / name).is_file():
+            raise PipelineError(f"{out_dir / name} not found; run the prepare stage first "
+                                f"(dvc repro prepare)")
+    try:
+        info = json.loads((out_dir / "dataset.json").read_text(encoding="utf-8"))
+        classes = json.loads((out_dir / "classes.json").read_text(encoding="utf-8"))
+        root = Path(info["root"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise PipelineError(f"{out_dir} holds a damaged dataset.json or classes.json ({e}); "
+                            f"{again}") from None
+    if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)
+            and len(set(classes)) == len(classes)):
+        raise PipelineError(f"{out_dir / 'classes.json'}: expected a list of distinct class "
+                            f"names; {again}")
+    index = {name: i for i, name in enumerate(classes)}
+    manifest = out_dir / "manifest.csv"
+    rows = []
+    with open(manifest, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header != MANIFEST_HEADER:
+            raise PipelineError(f"{manifest}: expected the header {','.join(MANIFEST_HEADER)}, "
+                                f"found {','.join(header or [])}; {again}")
+        for line, row in enumerate(reader, start=2):
+            if len(row) != len(MANIFEST_HEADER):
+                raise PipelineError(f"{manifest}:{line}: expected {len(MANIFEST_HEADER)} "
+                                    f"fields, found {len(row)}; {again}")
+            path, label, split, sha256 = row
+            if label not in index:
+                raise PipelineError(f"{manifest}:{line}: label '{label}' is not in "
+                                    f"classes.json; {again}")
+            if split not in ("train", "test"):
+                raise PipelineError(f"{manifest}:{line}: split must be train or test, "
+                                    f"found '{split}'; {again}")
+            rows.append((path, index[label], split, sha256))
+    return Prepared(root=root, classes=classes, rows=rows)
+
+
+# --------------------------------------------------------------------------- parameters
+
+
+def _check_split_params(test_fraction, seed) -> None:
+    if (not isinstance(test_fraction, numbers.Real) or isinstance(test_fraction, bool)
+            or not 0 < test_fraction < 1):
+        raise PipelineError(f"data.test_fraction must be a number between 0 and 1 (both "
+                            f"excluded); found {test_fraction!r}; set e.g. 0.2 in params.yaml")
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or seed < 0:
+        raise PipelineError(f"data.seed must be a non-negative integer; found {seed!r}; "
+                            f"set e.g. 0 in params.yaml")
+
+
+# --------------------------------------------------------------------------- listing files
+
+
+def _utf8(name: str) -> bool:
+    """False for names Python decoded with surrogate escapes (invalid UTF-8 bytes)."""
+    try:
+        name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _join(shown: str, name: str) -> str:
+    """``shown/name`` for messages, without doubling a trailing slash of ``shown``."""
+    return f"{shown.rstrip('/')}/{name}"
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _shown(path: str) -> str:
+    """A path that JSON can hold, the bytes of non-UTF-8 names written as \\xNN."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _not_image_reason(name: str) -> str | None:
+    ext = os.path.splitext(name)[1].lower()
+    if ext in IMAGE_EXTENSIONS:
+        return None
+    return f"not an image file (extension {ext})" if ext else "not an image file (no extension)"
+
+
+def _scandir(folder: Path, shown: str) -> list[os.DirEntry]:
+    try:
+        with os.scandir(folder) as it:
+            return sorted(it, key=lambda e: e.name)
+    except OSError as e:
+        raise PipelineError(f"cannot read folder {shown}: {e.strerror}; check its "
+                            f"permissions") from None
+
+
+def _reject_tree(listing: _Listing, root: Path, rel: str, reason: str) -> None:
+    """Reject every file under the folder ``root/rel``."""
+    for folder, dirs, files in os.walk(root / rel):
+        dirs.sort()
+        for name in sorted(files):
+            listing.reject(Path(folder, name).relative_to(root).as_posix(), reason)
+
+
+def _list_class_folders(root: Path, shown: str) -> _Listing:
+    """List ``root/<class>/<image>`` files; everything else is rejected with a reason.
+
+    Hidden entries (names starting with '.') are rejected, not read: a hidden
+    folder gives one entry for the folder, not one per file inside it.
+    Subfolders of a class folder are not read either (their files are
+    rejected): a root given one level too high (``data/`` holding ``train/``
+    and ``test/``) then fails loudly instead of training on the wrong classes.
+    """
+    if not root.exists():
+        raise PipelineError(f"data folder {shown} not found (looked for {root.absolute()}); "
+                            f"set data.folder in params.yaml to a folder of images laid out "
+                            f"as <class>/<image>")
+    if not root.is_dir():
+        raise PipelineError(f"data folder {shown} is a file, not a folder; {_LAYOUT}")
+    listing = _Listing()
+    for entry in _scandir(root, shown):
+        if not _accept_entry(listing, root, entry, entry.name):
+            continue
+        if entry.is_dir():
+            listing.classes.append(entry.name)
+            _list_class(listing, root, entry.name, _join(shown, entry.name))
+        elif entry.is_file():
+            listing.reject(entry.name, f"not in a class folder ({_LAYOUT})")
+        else:
+            listing.reject(entry.name, "not a regular file or folder")
+
+    if not listing.classes:
+        raise PipelineError(f"data folder {shown} has no class subfolders; {_LAYOUT}, "
+                            f"e.g. {_join(shown, 'cat/001.jpg')}")
+    if len(listing.classes) == 1:
+        raise PipelineError(f"data folder {shown} has a single class folder "
+                            f"({listing.classes[0]}); a classifier needs at least 2: add a "
+                            f"folder of images per class")
+    return listing
+
+
+def _accept_entry(listing: _Listing, root: Path, entry: os.DirEntry, rel: str) -> bool:
+    """Reject hidden and non-UTF-8 entries; True for the others."""
+    is_dir = entry.is_dir()
+    if entry.name.startswith("."):
+        listing.reject(rel, "hidden folder (name starts with '.'), not read" if is_dir
+                       else "hidden file (name starts with '.')")
+        return False
+    if not _utf8(entry.name):
+        if is_dir:
+            _reject_tree(listing, root, rel, "folder name is not valid UTF-8")
+        else:
+            listing.reject(rel, "file name is not valid UTF-8")
+        return False
+    return True
+
+
+def _list_class(listing: _Listing, root: Path, label: str, shown: str) -> None:
+    for entry in _scandir(root / label, shown):
+        rel = f"{label}/{entry.name}"
+        if not _accept_entry(listing, root, entry, rel):
+            continue
+        if entry.is_dir():
+            _reject_tree(listing, root, rel, f"in a subfolder of class folder '{label}' "
+                                             f"({_LAYOUT}; subfolders are not read)")
+        elif not entry.is_file():
+            listing.reject(rel, "not a regular file (a broken link, a FIFO, ...)")
+        elif reason := _not_image_reason(entry.name):
+            listing.reject(rel, reason)
+        else:
+            listing.candidates.append((rel, label, None))
+
+
+def _list_oxford(root: Path) -> _Listing:
+    """List the images named in the official trainval/test lists.
+
+    The lists' lines read ``Abyssinian_100 1 1 1``: image name, class id
+    (1..37), species, breed id. The class name is the image name without its
+    trailing ``_<number>``; classes are ordered by id.
+    """
+    redo = f"delete {root} and run again to extract the archives anew"
+    names: dict[int, str] = {}  # class id -> class name
+    listed: dict[str, tuple[str, str]] = {}  # path -> (label, split)
+    conflicts: set[str] = set()
+    for list_name, split in (("trainval.txt", "train"), ("test.txt", "test")):
+        list_path = root / "annotations" / list_name
+        try:
+            lines = list_path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise PipelineError(f"cannot read the official list {list_path} "
+                                f"({getattr(e, 'strerror', None) or e}); {redo}") from None
+        for n, line in enumerate(lines, start=1):
+            fields = line.split()
+            if not fields or fields[0].startswith("#"):
+                continue
+            if len(fields) < 2 or not fields[1].isdigit():
+                raise PipelineError(f"{list_path}:{n}: expected 'name class_id species "
+                                    f"breed_id', found '{line.strip()}'; {redo}")
+            name, class_id = fields[0], int(fields[1])
+            label = re.sub(r"_\d+$", "", name)
+            if names.setdefault(class_id, label) != label:
+                raise PipelineError(f"{list_path}:{n}: class id {class_id} is given to both "
+                                    f"'{names[class_id]}' and '{label}'; {redo}")
+            path = f"images/{name}.jpg"
+            if listed.get(path, (label, split))[1] != split:
+                conflicts.add(path)
+            listed[path] = (label, split)
+
+    labels = [names[i] for i in sorted(names)]
+    if len(set(labels)) != len(labels):
+        twice = sorted(label for label, k in Counter(labels).items() if k > 1)
+        raise PipelineError(f"{root / 'annotations'}: class {twice[0]} has several class ids; "
+                            f"{redo}")
+    images = root / "images"
+    if not images.is_dir():
+        raise PipelineError(f"{images} not found; the images archive is incomplete; {redo}")
+
+    listing = _Listing(classes=labels)
+    found = set()
+    for folder, dirs, files in os.walk(images):
+        dirs.sort()
+        for name in sorted(files):
+            path = Path(folder, name).relative_to(root).as_posix()
+            found.add(path)
+            if not _utf8(path):
+                listing.reject(path, "file name is not valid UTF-8")
+            elif path in conflicts:
+                listing.reject(path, "listed in both trainval.txt and test.txt")
+            elif path in listed:
+                listing.candidates.append((path, *listed[path]))
+            else:
+                listing.reject(path, "not in the official trainval/test lists")
+    for path in sorted(listed.keys() - found):
+        listing.reject(path, "listed in the official trainval/test lists, but the file is "
+                             "missing")
+    return listing
+
+
+# --------------------------------------------------------------------------- downloads
+
+
+def _fetch_cats_vs_dogs(download_dir: Path, url: str, sha256: str | None) -> tuple[Path, str]:
+    """Download and extract the Microsoft archive; return its PetImages folder and sha256."""
+    name = urllib.parse.unquote(urllib.parse.urlsplit(url).path.rsplit("/", 1)[-1])
+    archive = download(url, download_dir / (name or "kagglecatsanddogs.zip"), sha256=sha256,
+                       desc="cats-vs-dogs")
+    # No official checksum exists: without a pinned one, integrity rests on the
+    # zip's own CRCs (checked by safe_extract) and the recorded sha256.
+    target = safe_extract(archive, download_dir / "cats-vs-dogs")
+    archive_sha256 = sha256.strip().lower() if sha256 else file_digest(archive)
+    if not sha256:
+        print(f"prepare: cats-vs-dogs archive sha256 {archive_sha256}; pin it as "
+              f"data.archive_sha256 in params.yaml to notice if it ever changes", flush=True)
+    root = target / "PetImages"
+    if not root.is_dir():
+        raise PipelineError(f"{archive} holds no PetImages folder; expected Microsoft's Cats "
+                            f"vs Dogs archive: check the URL, delete {archive} and run again")
+    return root, archive_sha256
+
+
+def _fetch_oxford(download_dir: Path, base_url: str, md5s) -> Path:
+    """Download, verify and extract the two Oxford-IIIT Pet archives; return the root."""
+    md5s = md5s or {}
+    target = download_dir / "oxford-iiit-pet"
+    for name in ("images.tar.gz", "annotations.tar.gz"):
+        archive = download(f"{base_url.rstrip('/')}/{name}", download_dir / name,
+                           md5=md5s.get(name), desc=name)
+        safe_extract(archive, target)
+    return target
+
+
+# --------------------------------------------------------------------------- checking images
+
+
+def _check_image(path: Path) -> tuple[str | None, str | None]:
+    """``(sha256, None)`` for a usable image, ``(None, reason)`` otherwise."""
+    try:
+        load_rgb(path, draft_size=CHECK_SIZE)
+        return file_digest(path), None
+    except BadImage as e:
+        return None, e.reason
+    except OSError as e:
+        return None, f"cannot read the file ({e.strerror or e})"
+
+
+def _check_candidates(root: Path, listing: _Listing) -> list[tuple[str, str, str | None, str]]:
+    """Decode every candidate; return ``(path, label, split, sha256)`` of the usable ones.
+
+    Unusable candidates join ``listing.rejected``, which ends sorted by path.
+    """
+    paths = [path for path, _, _ in listing.candidates]
+    # Threads suffice: Pillow's decoders and hashlib release the GIL.
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        results = list(tqdm(pool.map(lambda p: _check_image(root / p), paths), total=len(paths),
+                            desc="prepare: checking images", unit="img"))
+    usable = []
+    for (path, label, split), (sha256, reason) in zip(listing.candidates, results):
+        if reason is None:
+            usable.append((path, label, split, sha256))
+        else:
+            listing.reject(path, reason)
+    listing.rejected.sort(key=lambda r: (r["path"], r["reason"]))
+    return usable
+
+
+def _require_images_per_class(listing: _Listing, usable, shown: str, out_dir: Path) -> None:
+    """Each class folder needs MIN_IMAGES_PER_CLASS usable images; rejected.json tells why not."""
+    counts = Counter(label for _, label, _, _ in usable)
+    for label in listing.classes:
+        if counts[label] >= MIN_IMAGES_PER_CLASS:
+            continue
+        _write_rejected(out_dir, listing.rejected)
+        n_rejected = sum(r["path"].startswith(f"{label}/") for r in listing.rejected)
+        found = "no usable image" if counts[label] == 0 else f"only {counts[label]} usable image"
+        raise PipelineError(
+            f"class folder {_join(shown, label)} has {found} ({_plural(n_rejected, 'file')} "
+            f"rejected: see "
+            f"{out_dir / 'rejected.json'}); each class needs at least {MIN_IMAGES_PER_CLASS} "
+            f"(one to train on, one to test on): remove the folder or add images")
+
+
+def _stratified_split(usable, test_fraction: float, seed: int):
+    """Hold out ``test_fraction`` of each class, at least 1 image, never all of them.
+
+    Each class is shuffled by its own generator, seeded by the seed and the
+    class name, from its paths in sorted order: the split does not depend on
+    the order the file system lists files in, and adding images to one class
+    leaves the split of the others as it was.
+    """
+    by_class = defaultdict(list)
+    for row in usable:
+        by_class[row[1]].append(row)
+    out = []
+    for label, rows in sorted(by_class.items()):
+        rows.sort()
+        n = len(rows)
+        n_test = min(n - 1, max(1, int(n * test_fraction + 0.5)))
+        rng = np.random.default_rng([seed, zlib.crc32(label.encode("utf-8"))])
+        test = set(rng.permutation(n)[:n_test].tolist())
+        out += [(path, label, "test" if i in test else "train", sha256)
+                for i, (path, label, _, sha256) in enumerate(rows)]
+    return out
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _write_rejected(out_dir: Path, rejected: list[dict]) -> None:
+    # dataset.json is written last and marks a complete output: remove it first.
+    (out_dir / "dataset.json").unlink(missing_ok=True)
+    write_json(out_dir / "rejected.json", rejected)
