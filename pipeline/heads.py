@@ -152,5 +152,6 @@ def train_head(
         flush=True,
     )
     if report_path:
-        write_json(report_path, summary)
+        # Keyed by head so `dvc metrics show` gives logreg.best_C, svm.best_C columns.
+        write_json(report_path, {name: summary})
     return summary

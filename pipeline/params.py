@@ -29,7 +29,7 @@ DEFAULTS: dict = {
         "cv_folds": 5,
         "seed": 0,
         "logreg": {"C": [0.01, 0.1, 1.0], "max_iter": 2000},
-        "svm": {"C": [0.0001, 0.001, 0.01], "max_iter": 10000},
+        "svm": {"C": [0.00001, 0.0001, 0.001, 0.01], "max_iter": 10000},
     },
     "evaluate": {"top_k": [3, 5]},
 }

@@ -74,7 +74,7 @@ def test_catsdogs_repro_metrics_schema_and_granular_rerun(project, catsdogs):
 
     # Changing only a head's C re-runs that head and the evaluation, not extract.
     project.commit("first run")
-    first_c = json.loads((root / "reports/cv_logreg.json").read_text())["best_C"]
+    first_c = json.loads((root / "reports/cv_logreg.json").read_text())["logreg"]["best_C"]
     before = h5_path.stat().st_mtime_ns
     project.set_params(heads={"logreg": {"C": [0.5]}})
     out = project.dvc("repro").stdout
@@ -83,12 +83,12 @@ def test_catsdogs_repro_metrics_schema_and_granular_rerun(project, catsdogs):
     assert "Stage 'train_heads@svm' didn't change, skipping" in out, out
     assert h5_path.stat().st_mtime_ns == before
     cv = json.loads((root / "reports/cv_logreg.json").read_text())
-    assert cv["best_C"] == 0.5
+    assert cv["logreg"]["best_C"] == 0.5
 
     # metrics diff compares the workspace with the committed run.
     diff = json.loads(project.dvc("metrics", "diff", "HEAD", "--json").stdout)
     assert first_c in (0.01, 0.1, 1.0)  # the default grid, which does not hold 0.5
-    assert diff["reports/cv_logreg.json"]["best_C"] == {"old": first_c, "new": 0.5, "diff": 0.5 - first_c}
+    assert diff["reports/cv_logreg.json"]["logreg.best_C"] == {"old": first_c, "new": 0.5, "diff": 0.5 - first_c}
 
 
 def test_dogbreeds10_reports_topk(project, dogbreeds10):
