@@ -155,3 +155,36 @@ def train_head(
         # Keyed by head so `dvc metrics show` gives logreg.best_C, svm.best_C columns.
         write_json(report_path, {name: summary})
     return summary
+
+
+def to_torch_linear(estimator):
+    """The fitted scaler + linear classifier as one ``torch.nn.Linear``.
+
+    ``StandardScaler`` followed by ``w·x + b`` is itself linear, so it folds into
+    weights ``w / scale`` and bias ``b - w·(mean / scale)``. A binary head's single
+    margin ``z`` becomes two logits ``(0, z)``: their softmax equals scikit-learn's
+    ``predict_proba`` for logistic regression, and their argmax its prediction.
+
+    Args:
+        estimator: a fitted ``Pipeline([("scale", StandardScaler), ("clf", linear)])``.
+
+    Returns:
+        ``nn.Linear(D, n_classes)`` in float32, so a backbone's features can be
+        fed straight into it (fine-tuning starts here; visualisation
+        differentiates through it).
+    """
+    import torch
+
+    scaler, clf = estimator.named_steps["scale"], estimator.named_steps["clf"]
+    mean = np.zeros(clf.coef_.shape[1]) if scaler.mean_ is None else scaler.mean_
+    scale = np.ones_like(mean) if scaler.scale_ is None else scaler.scale_
+    w = clf.coef_ / scale
+    b = clf.intercept_ - w @ mean
+    if w.shape[0] == 1:
+        w = np.concatenate([np.zeros_like(w), w])
+        b = np.concatenate([np.zeros_like(b), b])
+    layer = torch.nn.Linear(w.shape[1], w.shape[0])
+    with torch.no_grad():
+        layer.weight.copy_(torch.from_numpy(w).float())
+        layer.bias.copy_(torch.from_numpy(b).float())
+    return layer

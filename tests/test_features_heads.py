@@ -135,3 +135,20 @@ def test_unknown_params_key_is_named(tmp_path):
         load_params(p)
     p.write_text("backbone:\n  name: vgg16\n")
     assert load_params(p)["backbone"] == {"name": "vgg16", "weights": "DEFAULT"}
+
+
+@pytest.mark.parametrize("n_classes", [2, 3])
+@pytest.mark.parametrize("name", ["logreg", "svm"])
+def test_head_folds_into_one_torch_linear(name, n_classes):
+    from pipeline.heads import to_torch_linear
+
+    rng = np.random.default_rng(1)
+    X = rng.normal(3, 5, (40 * n_classes, 6)) + np.repeat(np.arange(n_classes), 40)[:, None] * 2
+    y = np.repeat(np.arange(n_classes), 40)
+    est = make_head(name, C=[1.0], cv_folds=2).fit(X, y).best_estimator_
+    with torch.no_grad():
+        logits = to_torch_linear(est)(torch.from_numpy(X).float()).double().numpy()
+    np.testing.assert_array_equal(logits.argmax(1), est.predict(X))
+    if name == "logreg":
+        prob = np.exp(logits - logits.max(1, keepdims=True))
+        np.testing.assert_allclose(prob / prob.sum(1, keepdims=True), est.predict_proba(X), atol=1e-5)
