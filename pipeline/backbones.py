@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -42,7 +43,7 @@ class TransformSpec:
         mean = ", ".join(f"{v:g}" for v in self.mean)
         std = ", ".join(f"{v:g}" for v in self.std)
         return (
-            f"resize shorter side to {self.resize} ({self.interpolation}, antialias), "
+            f"resize shorter side to {self.resize} ({self.interpolation}, Pillow), "
             f"center crop {self.crop}x{self.crop}, scale to [0, 1], "
             f"normalize mean=({mean}) std=({std})"
         )
@@ -50,20 +51,33 @@ class TransformSpec:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def build(self) -> Callable:
-        """A callable PIL image -> float tensor (3, crop, crop)."""
-        from torchvision.transforms import v2 as T
+    def resize_crop(self, image):
+        """PIL image -> PIL image of crop x crop: the geometric part of the transform.
 
-        mode = T.InterpolationMode(self.interpolation)
-        return T.Compose(
-            [
-                T.PILToTensor(),
-                T.Resize(self.resize, interpolation=mode, antialias=True),
-                T.CenterCrop(self.crop),
-                T.ToDtype(torch.float32, scale=True),
-                T.Normalize(list(self.mean), list(self.std)),
-            ]
-        )
+        Resizing is Pillow's, as in torchvision's ``weights.transforms()``, so the
+        cached features equal those of the usual ImageFolder/DataLoader loop.
+        """
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms import functional as F
+
+        image = F.resize(image, self.resize, interpolation=InterpolationMode(self.interpolation))
+        return F.center_crop(image, self.crop)
+
+    def normalize_(self, batch: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, 3, H, W) -> float32 normalised, keeping the memory format."""
+        mean = torch.tensor(self.mean, device=batch.device).view(1, 3, 1, 1) * 255
+        inv_std = 1 / (torch.tensor(self.std, device=batch.device).view(1, 3, 1, 1) * 255)
+        return batch.float().sub_(mean).mul_(inv_std)
+
+    def build(self) -> Callable:
+        """A callable PIL image -> float tensor (3, crop, crop), for one image at a time."""
+
+        def transform(image):
+            array = np.asarray(self.resize_crop(image).convert("RGB"))
+            x = torch.from_numpy(array.copy()).permute(2, 0, 1)[None]
+            return self.normalize_(x)[0].contiguous()
+
+        return transform
 
 
 @dataclass

@@ -24,7 +24,14 @@ DEFAULTS: dict = {
         "archive_sha256": "",
     },
     "backbone": {"name": "resnet50", "weights": "DEFAULT"},
-    "extract": {"batch_size": 32, "device": "auto", "decode_threads": 1},
+    "extract": {
+        "batch_size": 32,
+        "device": "auto",
+        "decoder": "auto",
+        "decode_threads": 1,
+        "compile": "auto",
+        "store": "data/cache/features",
+    },
     "heads": {
         "cv_folds": 5,
         "seed": 0,

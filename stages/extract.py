@@ -7,14 +7,18 @@ from pipeline.params import load_params
 
 def main():
     p = load_params()
+    e = p["extract"]
     run_extract(
         prepared_dir="data/prepared",
         out_dir="data/features",
         backbone=p["backbone"]["name"],
         weights=p["backbone"]["weights"],
-        batch_size=p["extract"]["batch_size"],
-        device=p["extract"]["device"],
-        decode_threads=p["extract"]["decode_threads"],
+        batch_size=e["batch_size"],
+        device=e["device"],
+        decode_threads=e["decode_threads"],
+        decoder=e["decoder"],
+        compile=e["compile"],
+        store_dir=e["store"] or None,
     )
 
 

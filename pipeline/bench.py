@@ -1,0 +1,178 @@
+"""Benchmarks: ``python -m pipeline.bench extract --folder DIR --backbone NAME [--baseline]``.
+
+Prints, in one run on the same images:
+
+* the model-only ceiling: the same batches already in memory, through the
+  network eager (NCHW), eager channels_last and compiled channels_last;
+* the extract stage's own code path end to end (read, hash, decode, resize,
+  network, HDF5), eager and compiled;
+* with ``--baseline``, the straightforward loop (ImageFolder + DataLoader +
+  fp32 forward under no_grad);
+* the peak resident memory after the stage's code path ran.
+
+Compare figures within one run only: a shared machine is noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def _rows(folder: Path, limit: int | None):
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    rows = []
+    for label, cls in enumerate(classes):
+        for f in sorted((folder / cls).iterdir()):
+            if f.is_file():
+                rows.append((f"{cls}/{f.name}", label, "train", hashlib.sha256(f.read_bytes()).hexdigest()))
+    return classes, rows[:limit] if limit else rows
+
+
+def _model_only(model, batches, device, repeat=1) -> float:
+    with torch.inference_mode():
+        model(batches[0])  # warm-up
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        n = 0
+        for _ in range(repeat):
+            for x in batches:
+                model(x)
+                n += x.shape[0]
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return n / (time.perf_counter() - t)
+
+
+def bench_extract(folder, backbone, weights="DEFAULT", batch_size=32, device="auto", baseline=False,
+                  limit=None, decode_threads=1, decoder="auto", workers=2) -> dict:
+    from pipeline.backbones import load_backbone
+    from pipeline.features import _autocast, extract_features, resolve_device
+
+    folder = Path(folder)
+    dev = resolve_device(device)
+    classes, rows = _rows(folder, limit)
+    bb = load_backbone(backbone, weights)
+    n = len(rows)
+    print(
+        f"bench extract: {backbone} ({bb.weights}) on {n} images from {folder}; device {dev}, "
+        f"{torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs, torch {torch.__version__}, batch {batch_size}",
+        flush=True,
+    )
+    out: dict = {"n_images": n}
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode, comp in (("eager", False), ("compiled", True)):
+            res = extract_features(
+                bb, root=folder, rows=rows, classes=classes, out_path=Path(tmp) / f"{mode}.h5",
+                batch_size=batch_size, device=str(dev), decode_threads=decode_threads, decoder=decoder, compile=comp,
+            )
+            out[f"e2e_{res.mode}"] = res.images_per_second
+            out[f"e2e_{res.mode}_compile_s"] = res.compile_seconds
+            print(
+                f"  stage code path, {res.mode:8s}: {res.images_per_second:7.1f} images/s end to end"
+                + (f" (compile {res.compile_seconds:.1f} s, excluded)" if res.compile_seconds else ""),
+                flush=True,
+            )
+        out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(f"  peak resident memory so far: {out['peak_rss_mb']:.0f} MB", flush=True)
+
+    # The same images, preprocessed once and held in memory: the network alone.
+    from pipeline.images import load_rgb
+
+    spec = bb.transform_spec
+    tfm = spec.build()
+    k = min(n, 4 * batch_size)
+    xs = torch.stack([tfm(load_rgb(folder / r[0])) for r in rows[:k]]).to(dev)
+    batches = [xs[s : s + batch_size] for s in range(0, k - batch_size + 1, batch_size)] or [xs]
+    model = bb.features.to(dev).eval()
+    ceil: dict = {}
+    with _autocast(dev):
+        ceil["eager"] = _model_only(model, batches, dev)
+        cl = [b.contiguous(memory_format=torch.channels_last) for b in batches]
+        model = model.to(memory_format=torch.channels_last)
+        ceil["channels_last"] = _model_only(model, cl, dev)
+        t = time.perf_counter()
+        compiled = torch.compile(model, dynamic=False)
+        with torch.inference_mode():
+            compiled(cl[0])
+        compile_s = time.perf_counter() - t
+        ceil["compiled"] = _model_only(compiled, cl, dev, repeat=2)
+    print(
+        f"  model only (batches in memory): eager {ceil['eager']:.1f}, channels_last {ceil['channels_last']:.1f}, "
+        f"compiled {ceil['compiled']:.1f} images/s (compile {compile_s:.1f} s)",
+        flush=True,
+    )
+    out.update({f"ceiling_{k}": v for k, v in ceil.items()})
+    best_ceiling = max(ceil.values())
+    best_e2e = max(out["e2e_eager"], out.get("e2e_compiled", 0.0))
+
+    if baseline:
+        out["baseline"] = _baseline(folder, bb, dev, batch_size, workers, limit)
+        print(
+            f"  straightforward loop (ImageFolder + DataLoader, {workers} workers, fp32, no_grad): "
+            f"{out['baseline']:.1f} images/s",
+            flush=True,
+        )
+        print(f"  end to end / straightforward loop: {best_e2e / out['baseline']:.2f}x", flush=True)
+    print(f"  end to end / best model-only ceiling: {100 * best_e2e / best_ceiling:.0f}%", flush=True)
+    return out
+
+
+def _baseline(folder, bb, dev, batch_size, workers, limit) -> float:
+    """The loop users write after the lesson, timed end to end."""
+    from torchvision import datasets, transforms
+
+    t = bb.transform_spec
+    tfm = transforms.Compose(
+        [
+            transforms.Resize(t.resize, interpolation=transforms.InterpolationMode(t.interpolation)),
+            transforms.CenterCrop(t.crop),
+            transforms.ToTensor(),
+            transforms.Normalize(t.mean, t.std),
+        ]
+    )
+    ds = datasets.ImageFolder(folder, transform=tfm)
+    if limit:
+        ds = torch.utils.data.Subset(ds, range(min(limit, len(ds))))
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers)
+    model = bb.features.to(dev).eval().to(memory_format=torch.contiguous_format)
+    start = time.perf_counter()
+    n = 0
+    with torch.no_grad():
+        for x, _ in loader:
+            model(x.to(dev))
+            n += x.shape[0]
+    return n / (time.perf_counter() - start)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="what", required=True)
+    p = sub.add_parser("extract", help="images/s of feature extraction")
+    p.add_argument("--folder", required=True, help="a <class>/<image> folder")
+    p.add_argument("--backbone", required=True)
+    p.add_argument("--weights", default="DEFAULT")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--decoder", default="auto")
+    p.add_argument("--decode-threads", type=int, default=1)
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the straightforward loop")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N images")
+    p.add_argument("--baseline", action="store_true", help="also time the straightforward loop")
+    a = parser.parse_args(argv)
+    bench_extract(a.folder, a.backbone, a.weights, a.batch_size, a.device, a.baseline, a.limit,
+                  a.decode_threads, a.decoder, a.workers)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

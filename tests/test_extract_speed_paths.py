@@ -1,0 +1,163 @@
+"""Extraction: equal to the straightforward loop, incremental, bounded memory."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from pipeline.backbones import load_backbone
+from pipeline.features import extract_features
+
+pytestmark = pytest.mark.sample_data
+
+
+def _rows(folder, per_class=None):
+    rows = []
+    for label, cls in enumerate(sorted(p.name for p in folder.iterdir() if p.is_dir())):
+        files = sorted((folder / cls).iterdir())[:per_class]
+        for f in files:
+            sha = hashlib.sha256(f.read_bytes()).hexdigest()
+            rows.append((f"{cls}/{f.name}", label, "train", sha))
+    return rows
+
+
+def _features(path):
+    with h5py.File(path) as h5:
+        return h5["paths"].asstr()[:], h5["features"][:], dict(h5.attrs)
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    return load_backbone("efficientnet_lite0")
+
+
+def test_features_equal_the_straightforward_imagefolder_loop(tmp_path, catsdogs, lite0):
+    """The lesson's loop: ImageFolder + DataLoader + the weights' transform, fp32, no_grad."""
+    from torchvision import datasets, transforms
+
+    sub = tmp_path / "sub"
+    for cls in ("cat", "dog"):
+        (sub / cls).mkdir(parents=True)
+        for f in sorted((catsdogs / cls).iterdir())[:12]:
+            (sub / cls / f.name).symlink_to(f)
+    t = lite0.transform_spec
+    plain = transforms.Compose(
+        [
+            transforms.Resize(t.resize, interpolation=transforms.InterpolationMode(t.interpolation)),
+            transforms.CenterCrop(t.crop),
+            transforms.ToTensor(),
+            transforms.Normalize(t.mean, t.std),
+        ]
+    )
+    ds = datasets.ImageFolder(sub, transform=plain)
+    with torch.no_grad():
+        expected = torch.cat([lite0.features(x) for x, _ in torch.utils.data.DataLoader(ds, batch_size=8)]).numpy()
+    expected_paths = [os.path.relpath(p, sub) for p, _ in ds.samples]
+
+    rows = _rows(sub)
+    for decoder in ("pillow-exact", "pillow"):
+        out = tmp_path / f"{decoder}.h5"
+        extract_features(lite0, root=sub, rows=rows, classes=["cat", "dog"], out_path=out, decoder=decoder, batch_size=10)
+        paths, feats, attrs = _features(out)
+        assert list(paths) == expected_paths
+        assert attrs["decoder"] == decoder
+        # No sample photo is twice the 256-pixel target, so draft mode decodes the
+        # same pixels here and the features must match the plain loop too.
+        np.testing.assert_allclose(feats, expected, rtol=1e-4, atol=1e-4)
+
+    # The GPU path's code (decode_jpeg + tensor resize) runs on the CPU too. Its
+    # bicubic resize differs slightly from Pillow's, so it is close, not equal.
+    out = tmp_path / "tv.h5"
+    extract_features(lite0, root=sub, rows=rows, classes=["cat", "dog"], out_path=out, decoder="torchvision")
+    _, feats, _ = _features(out)
+    cos = (feats * expected).sum(1) / np.linalg.norm(feats, axis=1) / np.linalg.norm(expected, axis=1)
+    assert cos.min() > 0.97, cos.min()
+
+
+def test_incremental_extraction_computes_only_new_images(tmp_path, catsdogs, lite0):
+    folder = tmp_path / "photos"
+    for cls in ("cat", "dog"):
+        (folder / cls).mkdir(parents=True)
+        for f in sorted((catsdogs / cls).iterdir())[:25]:
+            (folder / cls / f.name).symlink_to(f)
+    store = tmp_path / "store"
+    kw = dict(root=folder, classes=["cat", "dog"], store_dir=store, batch_size=16)
+    rows = _rows(folder)
+    assert len(rows) == 50
+    first = extract_features(lite0, rows=rows[:20] + rows[25:45], out_path=tmp_path / "a.h5", **kw)
+    assert first.n_computed == 40 and first.n_reused == 0
+
+    # Ten more images: only those ten go through the network.
+    second = extract_features(lite0, rows=rows, out_path=tmp_path / "b.h5", **kw)
+    assert second.n_computed == 10 and second.n_reused == 40
+    assert sorted(second.computed) == sorted(r[0] for r in rows[20:25] + rows[45:50])
+
+    # ... and the result equals a from-scratch extraction, row for row.
+    scratch = extract_features(lite0, rows=rows, out_path=tmp_path / "c.h5", root=folder, classes=["cat", "dog"])
+    assert scratch.n_computed == 50
+    pb, fb, _ = _features(tmp_path / "b.h5")
+    pc, fc, _ = _features(tmp_path / "c.h5")
+    assert list(pb) == list(pc) == [r[0] for r in rows]
+    np.testing.assert_allclose(fb, fc, rtol=1e-4, atol=1e-5)
+
+    # Removing images computes nothing; a changed image is recomputed.
+    third = extract_features(lite0, rows=rows[5:], out_path=tmp_path / "d.h5", **kw)
+    assert third.n_computed == 0 and third.n_images == 45
+    # Another backbone configuration never reads these rows.
+    other = extract_features(load_backbone("resnet18", "none"), rows=rows[:4], out_path=tmp_path / "e.h5", **kw)
+    assert other.n_computed == 4
+
+
+MEMORY_SCRIPT = textwrap.dedent(
+    """
+    import hashlib, json, resource, sys
+    from pathlib import Path
+    from pipeline.backbones import load_backbone
+    from pipeline.features import extract_features
+    folder = Path(sys.argv[1])
+    rows = []
+    for label, cls in enumerate(["cat", "dog"]):
+        for f in sorted((folder / cls).iterdir()):
+            rows.append((f"{cls}/{f.name}", label, "train", hashlib.sha256(f.read_bytes()).hexdigest()))
+    bb = load_backbone("mobilenet_v3_large", "none")
+    res = extract_features(bb, root=folder, rows=rows, classes=["cat", "dog"], out_path=folder / "out.h5",
+                           store_dir=folder / "store", batch_size=32, compile=False)
+    print(json.dumps({"n": res.n_images, "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+    """
+)
+
+
+@pytest.mark.slow
+def test_peak_memory_does_not_grow_with_the_number_of_images(tmp_path, catsdogs):
+    """240 vs 2,400 distinct files (the sample repeated, each copy one byte different)."""
+
+    def make(n_copies, dest):
+        for cls in ("cat", "dog"):
+            (dest / cls).mkdir(parents=True)
+            for f in sorted((catsdogs / cls).iterdir()):
+                data = f.read_bytes()
+                for k in range(n_copies):
+                    # Bytes after the JPEG end marker change the hash, not the pixels.
+                    (dest / cls / f"{k}_{f.name}").write_bytes(data + bytes([k % 256]) * (k > 0))
+
+    peaks = {}
+    for n_copies in (1, 10):
+        folder = tmp_path / f"x{n_copies}"
+        make(n_copies, folder)
+        res = subprocess.run(
+            [sys.executable, "-c", MEMORY_SCRIPT, str(folder)], capture_output=True, text=True, check=True,
+            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        )
+        out = json.loads(res.stdout.strip().splitlines()[-1])
+        assert out["n"] == 240 * n_copies
+        peaks[n_copies] = out["maxrss_kb"]
+    assert peaks[10] <= peaks[1] * 1.10, peaks
