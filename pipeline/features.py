@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from pipeline.backbones import Backbone
 from pipeline.errors import BadImage, PipelineError
-from pipeline.fileio import atomic_path
+from pipeline.fileio import atomic_path, remove_stale_temporaries
 from pipeline.images import load_rgb
 
 CHECKED_ATTRS = ("backbone", "weights", "weights_sha256", "transform")
@@ -96,7 +96,7 @@ class FeatureStore:
             backbone, weights, weights_sha256, transform, decoder.
     """
 
-    def __init__(self, root: str | Path, key: dict, flush_rows: int = 512):
+    def __init__(self, root: str | Path, key: dict, flush_rows: int = 256):
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         self.dir = Path(root) / f"{key.get('backbone', 'features')}-{digest}"
         self.key = key
@@ -380,6 +380,7 @@ def extract_features(
     decoder: str = "auto",
     compile: str | bool = "auto",
     store_dir: str | Path | None = None,
+    flush_every: int = 256,
 ) -> ExtractResult:
     """Push every image of ``rows`` through ``backbone.features`` into an HDF5 file.
 
@@ -391,6 +392,7 @@ def extract_features(
             :data:`COMPILE_MIN_IMAGES_CPU` new images, where it pays for itself).
         store_dir: folder of the per-image store; ``None`` keeps a temporary
             one beside ``out_path`` only for this call (no reuse).
+        flush_every: rows per store shard: a killed run recomputes at most this many.
 
     Returns:
         counts and timings; images that fail to decode are skipped and listed.
@@ -409,7 +411,9 @@ def extract_features(
 
         Path(out_path).parent.mkdir(parents=True, exist_ok=True)
         store_dir = tempfile.mkdtemp(prefix=".store-", dir=Path(out_path).parent)
-    store = FeatureStore(store_dir, key)
+    store = FeatureStore(store_dir, key, flush_rows=flush_every)
+    remove_stale_temporaries(Path(out_path).parent, Path(out_path).name + ".")
+    remove_stale_temporaries(store.dir, "shard-")
     try:
         index = store.index()
         # Identical files (same content hash) are computed once.
@@ -607,6 +611,7 @@ def run_extract(
     decoder: str = "auto",
     compile: str | bool = "auto",
     store_dir=None,
+    flush_every: int = 256,
 ) -> ExtractResult:
     """The ``extract`` stage: manifest in, ``<out_dir>/<backbone>.h5`` out."""
     from pipeline.backbones import load_backbone
@@ -633,6 +638,7 @@ def run_extract(
         decoder=decoder,
         compile=compile,
         store_dir=store_dir,
+        flush_every=flush_every,
     )
     speed = f" at {res.images_per_second:.1f} images/s ({res.mode})" if res.n_computed else ""
     compiled = f", compile {res.compile_seconds:.1f} s" if res.compile_seconds else ""

@@ -56,6 +56,19 @@ def atomic_path(path: str | os.PathLike, suffix: str = ""):
         raise
 
 
+def remove_stale_temporaries(folder: str | os.PathLike, prefix: str) -> None:
+    """Delete temporaries that an interrupted :func:`atomic_path` left in ``folder``.
+
+    A killed process (SIGKILL, power loss) cannot clean up after itself; its
+    temporaries are named ``.<prefix>...tmp``, which no reader opens, and the
+    next writer of the same files removes them.
+    """
+    folder = Path(folder)
+    if folder.is_dir():
+        for tmp in folder.glob(f".{prefix}*.tmp"):
+            tmp.unlink(missing_ok=True)
+
+
 def write_json(path, obj) -> None:
     """Write ``obj`` as indented JSON, atomically."""
     with atomic_path(path) as tmp:

@@ -31,6 +31,7 @@ DEFAULTS: dict = {
         "decode_threads": 1,
         "compile": "auto",
         "store": "data/cache/features",
+        "flush_every": 256,
     },
     "heads": {
         "cv_folds": 5,

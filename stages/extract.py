@@ -19,6 +19,7 @@ def main():
         decoder=e["decoder"],
         compile=e["compile"],
         store_dir=e["store"] or None,
+        flush_every=e["flush_every"],
     )
 
 
