@@ -310,15 +310,14 @@ def _list_class_folders(root: Path, shown: str) -> _Listing:
         raise PipelineError(f"data folder {shown} is a file, not a folder; {_LAYOUT}")
     listing = _Listing()
     for entry in _scandir(root, shown):
-        if not _accept_entry(listing, root, entry, entry.name):
-            continue
-        if entry.is_dir():
+        kind = _accept_entry(listing, root, entry, entry.name)
+        if kind == "dir":
             listing.classes.append(entry.name)
             _list_class(listing, root, entry.name, _join(shown, entry.name))
-        elif entry.is_file():
+        elif kind == "file":
             listing.reject(entry.name, f"not in a class folder ({_LAYOUT})")
-        else:
-            listing.reject(entry.name, "not a regular file or folder")
+        elif kind == "other":
+            listing.reject(entry.name, _special_reason(entry, "not a regular file or folder"))
 
     if not listing.classes:
         raise PipelineError(f"data folder {shown} has no class subfolders; {_LAYOUT}, "
@@ -330,36 +329,69 @@ def _list_class_folders(root: Path, shown: str) -> _Listing:
     return listing
 
 
-def _accept_entry(listing: _Listing, root: Path, entry: os.DirEntry, rel: str) -> bool:
-    """Reject hidden and non-UTF-8 entries; True for the others."""
-    is_dir = entry.is_dir()
+def _accept_entry(listing: _Listing, root: Path, entry: os.DirEntry, rel: str) -> str | None:
+    """What an entry is, following symbolic links: "dir", "file" or "other".
+
+    None when the entry is rejected here: hidden, a non-UTF-8 name, or a link
+    that cannot be followed (a loop of links, a folder without permission).
+    Symbolic links to files and folders are followed, as for any folder of
+    photos; the manifest keeps the link's own path.
+    """
+    try:
+        kind = "dir" if entry.is_dir() else "file" if entry.is_file() else "other"
+        error = None
+    except OSError as e:  # DirEntry.is_dir/is_file let through all but "not found"
+        kind, error = None, e
     if entry.name.startswith("."):
-        listing.reject(rel, "hidden folder (name starts with '.'), not read" if is_dir
+        listing.reject(rel, "hidden folder (name starts with '.'), not read" if kind == "dir"
                        else "hidden file (name starts with '.')")
-        return False
+        return None
     if not _utf8(entry.name):
-        if is_dir:
-            _reject_tree(listing, root, rel, "folder name is not valid UTF-8")
+        if kind == "dir":
+            _reject_tree(listing, root, rel, "folder name is not valid UTF-8 (rename the folder "
+                                             "to use its files)")
         else:
-            listing.reject(rel, "file name is not valid UTF-8")
+            listing.reject(rel, "file name is not valid UTF-8 (rename the file to use it)")
+        return None
+    if error is not None:
+        why = error.strerror or str(error)
+        listing.reject(rel, f"symbolic link that cannot be followed ({why})"
+                       if _is_link(entry) else f"cannot be read ({why})")
+        return None
+    return kind
+
+
+def _is_link(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_symlink()
+    except OSError:
         return False
-    return True
+
+
+def _special_reason(entry: os.DirEntry, what: str) -> str:
+    """Why an entry that is neither a file nor a folder is rejected."""
+    if _is_link(entry) and not os.path.exists(entry.path):
+        try:
+            return f"broken symbolic link (to {_shown(os.readlink(entry.path))})"
+        except OSError:
+            return "broken symbolic link"
+    return f"{what} (a FIFO, a socket, a device, ...)"
 
 
 def _list_class(listing: _Listing, root: Path, label: str, shown: str) -> None:
     for entry in _scandir(root / label, shown):
         rel = f"{label}/{entry.name}"
-        if not _accept_entry(listing, root, entry, rel):
-            continue
-        if entry.is_dir():
+        kind = _accept_entry(listing, root, entry, rel)
+        if kind == "dir":
             _reject_tree(listing, root, rel, f"in a subfolder of class folder '{label}' "
                                              f"({_LAYOUT}; subfolders are not read)")
-        elif not entry.is_file():
-            listing.reject(rel, "not a regular file (a broken link, a FIFO, ...)")
-        elif reason := _not_image_reason(entry.name):
-            listing.reject(rel, reason)
-        else:
-            listing.candidates.append((rel, label, None))
+        elif kind == "other":
+            listing.reject(rel, _special_reason(entry, "not a regular file"))
+        elif kind == "file":
+            if reason := _not_image_reason(entry.name):
+                listing.reject(rel, reason)
+            else:
+                listing.candidates.append((rel, label, None))
 
 
 def _list_oxford(root: Path) -> _Listing:

@@ -159,7 +159,54 @@ def test_non_utf8_name_is_rejected(tmp_path):
     with open(os.path.join(os.fsencode(root / "a"), b"caf\xe9.jpg"), "wb") as f:
         f.write(image_bytes(5))
     prepare(source="folder", folder=str(root), out_dir=tmp_path / "out")
-    assert rejected(tmp_path / "out") == {"a/caf\\xe9.jpg": "file name is not valid UTF-8"}
+    assert rejected(tmp_path / "out") == {
+        "a/caf\\xe9.jpg": "file name is not valid UTF-8 (rename the file to use it)"}
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="needs a file system that takes any bytes")
+def test_non_utf8_folder_name_is_rejected_with_its_files(tmp_path):
+    root = make_class_folder(tmp_path / "img", {"a": 3, "b": 3})
+    folder = os.path.join(os.fsencode(root), b"\xe9t\xe9")
+    os.mkdir(folder)
+    with open(os.path.join(folder, b"1.jpg"), "wb") as f:
+        f.write(image_bytes(5))
+    info = prepare(source="folder", folder=str(root), out_dir=tmp_path / "out")
+    assert info["classes"] == 2
+    assert rejected(tmp_path / "out") == {
+        "\\xe9t\\xe9/1.jpg": "folder name is not valid UTF-8 (rename the folder to use its files)"}
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="needs symbolic links and FIFOs")
+def test_links_are_followed_and_special_files_rejected(tmp_path):
+    """Symbolic links to images and class folders are used; loops, dangling links,
+    FIFOs and devices are listed with a reason, and none of them stops the run
+    (before: a loop of links raised OSError out of prepare)."""
+    elsewhere = make_class_folder(tmp_path / "elsewhere", {"a": 3, "b": 3})
+    root = tmp_path / "img"
+    (root / "a").mkdir(parents=True)
+    os.symlink(elsewhere / "b", root / "b")                      # a linked class folder
+    for name in ("000.jpg", "001.jpg", "002.jpg"):
+        os.symlink(elsewhere / "a" / name, root / "a" / name)    # linked images
+    os.symlink("loop.jpg", root / "a" / "loop.jpg")
+    os.symlink("gone.jpg", root / "a" / "dangling.jpg")
+    os.mkfifo(root / "a" / "pipe.jpg")                            # opening it would block
+    os.symlink("/dev/zero", root / "a" / "zero.jpg")              # reading it never ends
+    os.symlink("loop2", root / "loop2")                           # a loop where a class would be
+    out = tmp_path / "out"
+    info = prepare(source="folder", folder=str(root), out_dir=out)
+
+    assert (info["n_train"] + info["n_test"], info["n_rejected"]) == (6, 5)
+    rows = manifest(out)
+    assert {r["path"] for r in rows} == {f"{c}/00{i}.jpg" for c in "ab" for i in range(3)}
+    for r in rows:
+        assert r["sha256"] == sha256(elsewhere / r["path"])
+    assert rejected(out) == {
+        "a/dangling.jpg": "broken symbolic link (to gone.jpg)",
+        "a/loop.jpg": "symbolic link that cannot be followed (Too many levels of symbolic links)",
+        "a/pipe.jpg": "not a regular file (a FIFO, a socket, a device, ...)",
+        "a/zero.jpg": "not a regular file (a FIFO, a socket, a device, ...)",
+        "loop2": "symbolic link that cannot be followed (Too many levels of symbolic links)",
+    }
 
 
 def test_missing_folder(tmp_path):

@@ -132,6 +132,72 @@ def test_lost_connection_keeps_part_for_resume(served):
     assert (dl / "file.bin").read_bytes() == PAYLOAD
 
 
+@pytest.mark.parametrize("ranges", [True, False], ids=["resume", "restart"])
+@pytest.mark.parametrize("cut", [0, 1, len(PAYLOAD) // 2, len(PAYLOAD) - 1])
+def test_interrupted_download_is_never_used(served, cut, ranges):
+    """The server closes the connection mid-file: no dest; the next call completes and verifies."""
+    site, src, dl = served
+    with http_server(site, ranges=ranges) as server:
+        url = server.url + "file.bin"
+        server.cut_at = cut
+        with pytest.raises(PipelineError, match=rf"could not download .*connection closed after "
+                                                rf"{cut:,} of {len(PAYLOAD):,} bytes"):
+            download(url, dl / "file.bin", sha256=sha256(src))
+        assert not (dl / "file.bin").exists()
+        assert (dl / "file.bin.part").read_bytes() == PAYLOAD[:cut]
+        # A second call without a checksum does not take the .part as the file either.
+        with pytest.raises(PipelineError, match="connection closed"):
+            download(url, dl / "file.bin")
+        assert not (dl / "file.bin").exists()
+
+        server.cut_at = None
+        server.requests.clear()
+        download(url, dl / "file.bin", sha256=sha256(src))
+        expected_range = f"bytes={cut}-" if cut else None
+        assert server.requests == [("/file.bin", expected_range)]
+    assert (dl / "file.bin").read_bytes() == PAYLOAD
+    assert not (dl / "file.bin.part").exists()
+
+
+def test_connection_lost_twice_then_complete(served):
+    site, src, dl = served
+    with http_server(site) as server:
+        url = server.url + "file.bin"
+        for cut in (1000, 30000):
+            server.cut_at = cut
+            with pytest.raises(PipelineError, match="could not download"):
+                download(url, dl / "file.bin", md5=md5(src))
+            assert not (dl / "file.bin").exists()
+        server.cut_at = None
+        download(url, dl / "file.bin", md5=md5(src))
+        assert server.requests == [("/file.bin", None), ("/file.bin", "bytes=1000-"),
+                                   ("/file.bin", "bytes=30000-")]
+    assert (dl / "file.bin").read_bytes() == PAYLOAD
+
+
+def test_ctrl_c_mid_download_leaves_no_dest(served, monkeypatch):
+    site, src, dl = served
+    real_tqdm = download_module.tqdm
+
+    class InterruptedBar(real_tqdm):
+        def update(self, n=1):
+            super().update(n)
+            if self.n >= 3 * 4096:
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(download_module, "_CHUNK", 4096)
+    monkeypatch.setattr(download_module, "tqdm", InterruptedBar)
+    with http_server(site) as server:
+        with pytest.raises(KeyboardInterrupt):
+            download(server.url + "file.bin", dl / "file.bin", sha256=sha256(src))
+        assert not (dl / "file.bin").exists()
+        assert (dl / "file.bin.part").read_bytes() == PAYLOAD[: 3 * 4096]
+        monkeypatch.setattr(download_module, "tqdm", real_tqdm)
+        download(server.url + "file.bin", dl / "file.bin", sha256=sha256(src))
+        assert server.requests[-1] == ("/file.bin", f"bytes={3 * 4096}-")
+    assert (dl / "file.bin").read_bytes() == PAYLOAD
+
+
 def test_file_url(served):
     _, src, dl = served
     out = download(src.as_uri(), dl / "copy.bin", md5=md5(src))
@@ -270,6 +336,47 @@ def test_zip_with_parent_path_is_refused(tmp_path):
     with pytest.raises(PipelineError, match=r"bad\.zip.*'\.\./evil'"):
         safe_extract(archive, work / "out")
     assert tree(tmp_path) == {"work", "work/bad.zip"}
+
+
+@pytest.mark.parametrize("name, why", [
+    ("/tmp/evil", "has an absolute path"),
+    ("C:/evil", "has an absolute path"),
+    ("\\\\server\\share\\evil", "has an absolute path"),
+    ("a/../../evil", "has a path that leads outside the target folder"),
+])
+def test_zip_unsafe_names_are_refused(tmp_path, name, why):
+    work = tmp_path / "work"
+    archive = make_zip(work / "bad.zip", {"ok.txt": b"ok", name: b"evil"})
+    with pytest.raises(PipelineError) as e:
+        safe_extract(archive, work / "out")
+    assert f"'{name}' {why}" in str(e.value)
+    assert tree(tmp_path) == {"work", "work/bad.zip"}
+
+
+@pytest.mark.parametrize("target", ["../../outside", "sub/../../../outside", "/etc/passwd"])
+def test_zip_symlinks_leading_out_are_refused(tmp_path, target):
+    work = tmp_path / "work"
+    work.mkdir()
+    archive = work / "bad.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("ok.txt", b"ok")
+        info = zipfile.ZipInfo("top/link")
+        info.external_attr = (0o120777 << 16)  # a symbolic link; its data is the target
+        zf.writestr(info, target)
+    with pytest.raises(PipelineError, match=r"'top/link' is a symbolic link to "):
+        safe_extract(archive, work / "out")
+    assert tree(tmp_path) == {"work", "work/bad.zip"}
+
+
+def test_zip_symlink_inside_is_accepted(tmp_path):
+    archive = tmp_path / "ok.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("ok.txt", b"ok")
+        info = zipfile.ZipInfo("top/link")
+        info.external_attr = (0o120777 << 16)
+        zf.writestr(info, "../ok.txt")  # top/../ok.txt: inside
+    safe_extract(archive, tmp_path / "out")
+    assert (tmp_path / "out/ok.txt").read_bytes() == b"ok"
 
 
 def test_zip_symlink_outside_is_refused(tmp_path):
