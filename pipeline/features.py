@@ -28,6 +28,7 @@ last flushed shard.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import queue
@@ -140,11 +141,16 @@ class FeatureStore:
     def flush(self) -> None:
         if not self._hashes:
             return
+        # Built in memory, then written as plain bytes: a full disk then fails as
+        # an ordinary OSError, whereas HDF5 failing mid-write can leave its
+        # library state broken (seen: a crash at the next garbage collection).
+        buffer = io.BytesIO()
+        with h5py.File(buffer, "w") as h5:
+            h5["sha256"] = np.array(self._hashes, dtype=object).astype(h5py.string_dtype("ascii"))
+            h5["features"] = np.concatenate(self._rows)
         name = f"shard-{time.time_ns():020d}-{os.getpid()}.h5"
         with atomic_path(self.dir / name, suffix=".h5") as tmp:
-            with h5py.File(tmp, "w") as h5:
-                h5["sha256"] = np.array(self._hashes, dtype=object).astype(h5py.string_dtype("ascii"))
-                h5["features"] = np.concatenate(self._rows)
+            tmp.write_bytes(buffer.getbuffer())
         self._hashes, self._rows = [], []
 
 
@@ -503,9 +509,23 @@ def _run_network(backbone, todo, root, store, dev, decoder, batch_size, decode_t
     return out
 
 
+def _check_free_space(path: Path, needed: int) -> None:
+    """Refuse before writing: HDF5 running out of space mid-file fails badly."""
+    import shutil
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(path.parent).free
+    if free < needed:
+        raise PipelineError(
+            f"cannot write {path}: no space left on device (needs about {needed / 2**20:.1f} MB, "
+            f"{free / 2**20:.1f} MB free); free space or choose another folder"
+        )
+
+
 def _assemble(out_path, good, index, backbone: Backbone, classes, decoder) -> None:
     """Write the stage's HDF5 file from the store, in manifest order, atomically."""
     n, dim = len(good), backbone.feature_dim
+    _check_free_space(Path(out_path), n * (dim * 4 + 200) + (1 << 20))
     str_dt = h5py.string_dtype("utf-8")
     read = _ShardReader(index)
     with atomic_path(out_path, suffix=".h5") as tmp:

@@ -11,6 +11,7 @@ import csv
 import errno
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -25,6 +26,17 @@ def _os_error(path, e: OSError) -> PipelineError:
         errno.EPERM: "operation not permitted",
     }.get(e.errno, e.strerror or str(e))
     return PipelineError(f"cannot write {path}: {what}; free space or choose a writable folder")
+
+
+def _errno_of(e: BaseException) -> int | None:
+    """The OS error behind ``e``, also where HDF5 reports it only inside a RuntimeError."""
+    if isinstance(e, OSError) and e.errno:
+        return e.errno
+    if isinstance(e, (OSError, RuntimeError)):
+        m = re.search(r"errno = (\d+)", str(e))
+        if m and int(m.group(1)):
+            return int(m.group(1))
+    return None
 
 
 @contextlib.contextmanager
@@ -48,11 +60,11 @@ def atomic_path(path: str | os.PathLike, suffix: str = ""):
     try:
         yield tmp
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
-        raise _os_error(path, e) from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+        code = _errno_of(e)
+        if code is not None:
+            raise _os_error(path, OSError(code, os.strerror(code))) from None
         raise
 
 
