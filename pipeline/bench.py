@@ -10,6 +10,10 @@ Prints, in one run on the same images:
   fp32 forward under no_grad);
 * the peak resident memory after the stage's code path ran.
 
+``python -m pipeline.bench draft --folder DIR --backbone NAME [--upscale 2]``
+measures what reduced-scale JPEG decoding (draft mode) changes: feature rows
+and a logistic-regression head's test accuracy, with and without it.
+
 Compare figures within one run only: a shared machine is noisy.
 """
 
@@ -127,23 +131,28 @@ def bench_extract(folder, backbone, weights="DEFAULT", batch_size=32, device="au
     return out
 
 
-def _baseline(folder, bb, dev, batch_size, workers, limit) -> float:
-    """The loop users write after the lesson, timed end to end."""
+def straightforward_loader(folder, spec, batch_size=32, workers=2):
+    """The loop users write after the lesson: ImageFolder + DataLoader + the usual transform."""
     from torchvision import datasets, transforms
 
-    t = bb.transform_spec
     tfm = transforms.Compose(
         [
-            transforms.Resize(t.resize, interpolation=transforms.InterpolationMode(t.interpolation)),
-            transforms.CenterCrop(t.crop),
+            transforms.Resize(spec.resize, interpolation=transforms.InterpolationMode(spec.interpolation)),
+            transforms.CenterCrop(spec.crop),
             transforms.ToTensor(),
-            transforms.Normalize(t.mean, t.std),
+            transforms.Normalize(spec.mean, spec.std),
         ]
     )
     ds = datasets.ImageFolder(folder, transform=tfm)
+    return ds, torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers)
+
+
+def _baseline(folder, bb, dev, batch_size, workers, limit) -> float:
+    """The straightforward loop, timed end to end."""
+    ds, loader = straightforward_loader(folder, bb.transform_spec, batch_size, workers)
     if limit:
         ds = torch.utils.data.Subset(ds, range(min(limit, len(ds))))
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers)
+        loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers)
     model = bb.features.to(dev).eval().to(memory_format=torch.contiguous_format)
     start = time.perf_counter()
     n = 0
@@ -152,6 +161,63 @@ def _baseline(folder, bb, dev, batch_size, workers, limit) -> float:
             model(x.to(dev))
             n += x.shape[0]
     return n / (time.perf_counter() - start)
+
+
+def bench_draft(folder, backbone, weights="DEFAULT", upscale=1, test_fraction=0.3, seed=0) -> dict:
+    """Effect of reduced-scale JPEG decoding on features and on a logreg head's accuracy.
+
+    With ``upscale`` > 1 every photo is first enlarged (Lanczos, re-saved as
+    JPEG quality 95 in a temporary folder) so that draft mode applies to all of
+    them, as it does to camera photos.
+    """
+    import numpy as np
+    from PIL import Image
+    from sklearn.model_selection import train_test_split
+
+    from pipeline.backbones import load_backbone
+    from pipeline.features import extract_features, read_features
+    from pipeline.heads import make_head
+
+    bb = load_backbone(backbone, weights)
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(folder)
+        if upscale != 1:
+            big = Path(tmp) / "big"
+            for f in src.rglob("*"):
+                if f.is_file():
+                    dest = big / f.relative_to(src)
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    im = Image.open(f).convert("RGB")
+                    im.resize((im.width * upscale, im.height * upscale), Image.LANCZOS).save(dest, "JPEG", quality=95)
+            src = big
+        classes, rows = _rows(src, None)
+        labels = [r[1] for r in rows]
+        train, test = train_test_split(range(len(rows)), test_size=test_fraction, stratify=labels, random_state=seed)
+        split = {i: "train" for i in train} | {i: "test" for i in test}
+        rows = [(r[0], r[1], split[i], r[3]) for i, r in enumerate(rows)]
+        out = {}
+        feats = {}
+        for decoder in ("pillow-exact", "pillow"):
+            path = Path(tmp) / f"{decoder}.h5"
+            res = extract_features(bb, root=src, rows=rows, classes=classes, out_path=path, decoder=decoder, compile=False)
+            fs = read_features(path)
+            feats[decoder] = fs.features
+            Xtr, ytr = fs.subset("train")
+            Xte, yte = fs.subset("test")
+            acc = make_head("logreg", C=[0.01, 0.1, 1.0], cv_folds=3, y=ytr).fit(Xtr, ytr).score(Xte, yte)
+            out[decoder] = {"images_per_second": res.images_per_second, "logreg_accuracy": acc}
+        a, b = feats["pillow-exact"], feats["pillow"]
+        cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+        changed = int((np.abs(a - b).max(1) > 1e-4).sum())
+    print(
+        f"bench draft: {backbone} on {len(rows)} images of {folder} (upscale x{upscale}): "
+        f"{changed} feature rows changed, min cosine similarity {cos.min():.4f}",
+        flush=True,
+    )
+    for decoder, m in out.items():
+        print(f"  {decoder:13s} {m['images_per_second']:6.1f} images/s, logreg test accuracy {m['logreg_accuracy']:.4f}")
+    out["changed_rows"] = changed
+    return out
 
 
 def main(argv=None) -> None:
@@ -169,7 +235,15 @@ def main(argv=None) -> None:
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the straightforward loop")
     p.add_argument("--limit", type=int, default=None, help="use only the first N images")
     p.add_argument("--baseline", action="store_true", help="also time the straightforward loop")
+    d = sub.add_parser("draft", help="effect of reduced-scale JPEG decoding on accuracy")
+    d.add_argument("--folder", required=True)
+    d.add_argument("--backbone", required=True)
+    d.add_argument("--weights", default="DEFAULT")
+    d.add_argument("--upscale", type=int, default=1, help="enlarge every photo first, so draft mode applies")
     a = parser.parse_args(argv)
+    if a.what == "draft":
+        bench_draft(a.folder, a.backbone, a.weights, a.upscale)
+        return
     bench_extract(a.folder, a.backbone, a.weights, a.batch_size, a.device, a.baseline, a.limit,
                   a.decode_threads, a.decoder, a.workers)
 

@@ -42,25 +42,16 @@ def lite0():
 
 def test_features_equal_the_straightforward_imagefolder_loop(tmp_path, catsdogs, lite0):
     """The lesson's loop: ImageFolder + DataLoader + the weights' transform, fp32, no_grad."""
-    from torchvision import datasets, transforms
+    from pipeline.bench import straightforward_loader
 
     sub = tmp_path / "sub"
     for cls in ("cat", "dog"):
         (sub / cls).mkdir(parents=True)
         for f in sorted((catsdogs / cls).iterdir())[:12]:
             (sub / cls / f.name).symlink_to(f)
-    t = lite0.transform_spec
-    plain = transforms.Compose(
-        [
-            transforms.Resize(t.resize, interpolation=transforms.InterpolationMode(t.interpolation)),
-            transforms.CenterCrop(t.crop),
-            transforms.ToTensor(),
-            transforms.Normalize(t.mean, t.std),
-        ]
-    )
-    ds = datasets.ImageFolder(sub, transform=plain)
+    ds, loader = straightforward_loader(sub, lite0.transform_spec, batch_size=8, workers=0)
     with torch.no_grad():
-        expected = torch.cat([lite0.features(x) for x, _ in torch.utils.data.DataLoader(ds, batch_size=8)]).numpy()
+        expected = torch.cat([lite0.features(x) for x, _ in loader]).numpy()
     expected_paths = [os.path.relpath(p, sub) for p, _ in ds.samples]
 
     rows = _rows(sub)
