@@ -39,8 +39,41 @@ def per_class_rows(head: str, y_true, y_pred, classes: list[str]) -> list[list]:
     ]
 
 
-def run_evaluate(*, features_file, models_dir, top_k, reports_dir) -> dict:
-    """The ``evaluate`` stage: metrics.json, per_class.csv and confusion_<head>.csv."""
+def finetune_test_scores(model_path, *, fs, prepared_dir, expected: dict, device="auto", batch_size=32):
+    """Probabilities (N, C) of the fine-tuned network on the feature cache's test rows.
+
+    The test images are decoded from their files, checked against the content
+    hashes the manifest recorded, and pushed through the network with its eval
+    transform, so the network is scored on exactly the images the heads are.
+    """
+    import torch
+
+    from pipeline.datasets import read_prepared
+    from pipeline.finetune import load_finetuned, logits_for_rows, transform_of
+
+    net, info = load_finetuned(model_path, expected)
+    prepared = read_prepared(prepared_dir)
+    sha = {path: digest for path, _, _, digest in prepared.rows}
+    test = fs.splits == "test"
+    rows = [(path, int(label), sha.get(path, "")) for path, label in zip(fs.paths[test], fs.labels[test])]
+    logits, _ = logits_for_rows(
+        net, root=prepared.root, rows=rows, transform=transform_of(info).build(), device=device, batch_size=batch_size
+    )
+    return torch.from_numpy(logits).softmax(1).numpy()
+
+
+def run_evaluate(
+    *, features_file, models_dir, top_k, reports_dir, finetuned_model=None, prepared_dir=None, device="auto"
+) -> dict:
+    """The ``evaluate`` stage: metrics.json, per_class.csv and confusion_<head>.csv.
+
+    Args:
+        finetuned_model: ``models/finetune.pt`` to score as ``finetune`` beside
+            the heads, or None for the heads only.
+        prepared_dir: the prepare stage's output, where the test images are
+            found; needed with ``finetuned_model``.
+        device: where the fine-tuned network runs (``auto``: CUDA when present).
+    """
     from pathlib import Path
 
     from pipeline.errors import PipelineError
@@ -56,12 +89,10 @@ def run_evaluate(*, features_file, models_dir, top_k, reports_dir) -> dict:
     expected["classes"] = fs.classes
     reports = Path(reports_dir)
     metrics, per_class = {}, []
-    for name in HEADS:
-        head = load_head(Path(models_dir) / f"{name}.joblib", expected)
-        est = head["estimator"]
-        pred = est.predict(X)
-        metrics[name] = head_metrics(y, pred, scores(est, X), len(fs.classes), top_k)
-        per_class += per_class_rows(name, y, pred, fs.classes)
+
+    def report(name, pred, s):
+        metrics[name] = head_metrics(y, pred, s, len(fs.classes), top_k)
+        per_class.extend(per_class_rows(name, y, pred, fs.classes))
         write_csv(
             reports / f"confusion_{name}.csv",
             ["actual", "predicted"],
@@ -69,6 +100,17 @@ def run_evaluate(*, features_file, models_dir, top_k, reports_dir) -> dict:
         )
         shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics[name].items() if k != "n_test")
         print(f"evaluate: {name} on {len(y)} test images: {shown}", flush=True)
+
+    for name in HEADS:
+        est = load_head(Path(models_dir) / f"{name}.joblib", expected)["estimator"]
+        report(name, est.predict(X), scores(est, X))
+    if finetuned_model is not None:
+        if prepared_dir is None:
+            raise TypeError("run_evaluate: finetuned_model needs prepared_dir (where the test images are listed)")
+        probs = finetune_test_scores(
+            finetuned_model, fs=fs, prepared_dir=prepared_dir, expected=expected, device=device
+        )
+        report("finetune", probs.argmax(1), probs)
     write_csv(reports / "per_class.csv", ["head", "class", "support", "accuracy", "precision", "f1"], per_class)
     write_json(reports / "metrics.json", metrics)
     return metrics

@@ -408,7 +408,6 @@ def extract_features(
     t_start = time.perf_counter()
     dev = resolve_device(device)
     decoder = resolve_decoder(decoder, dev)
-    spec = backbone.transform_spec
     root = Path(root)
     key = dict(backbone.provenance(), decoder=decoder)
     temporary_store = store_dir is None

@@ -39,6 +39,22 @@ DEFAULTS: dict = {
         "logreg": {"C": [0.01, 0.1, 1.0], "max_iter": 2000},
         "svm": {"C": [0.00001, 0.0001, 0.001, 0.01], "max_iter": 10000},
     },
+    "finetune": {
+        "unfreeze": "last",
+        "epochs": 3,
+        "batch_size": 16,
+        "lr_head": 3e-4,
+        "lr_backbone": 1e-4,
+        "weight_decay": 0.01,
+        "warmup_fraction": 0.1,
+        "label_smoothing": 0.1,
+        "val_fraction": 0.2,
+        "patience": 2,
+        "max_minutes": 10,
+        "seed": 0,
+        "device": "auto",
+        "decode_workers": "auto",
+    },
     "evaluate": {"top_k": [3, 5]},
 }
 

@@ -13,6 +13,9 @@ def main():
         models_dir="models",
         top_k=p["evaluate"]["top_k"],
         reports_dir="reports",
+        # dvc.yaml runs the finetune stage first; its network is scored beside the heads.
+        finetuned_model="models/finetune.pt",
+        prepared_dir="data/prepared",
     )
 
 

@@ -56,7 +56,9 @@ def test_catsdogs_repro_metrics_schema_and_granular_rerun(project, catsdogs):
     assert (splits == "test").sum() == 48  # 20 % of each class
 
     metrics = json.loads((root / "reports/metrics.json").read_text())
-    assert set(metrics) == {"logreg", "svm"}
+    assert set(metrics) == {"logreg", "svm", "finetune"}
+    # Fine-tuning starts at the logreg head and keeps its best epoch.
+    assert metrics["finetune"]["accuracy"] >= metrics["logreg"]["accuracy"] - 0.01, metrics
     assert metrics["logreg"]["accuracy"] >= 0.93, metrics
     assert metrics["logreg"]["n_test"] == 48
     for head in metrics.values():

@@ -1,0 +1,237 @@
+"""The finetune stage: freezing rules, the start at the head's accuracy, the real ``dvc repro``."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from helpers_images import make_class_folder
+from torch import nn
+
+from pipeline.backbones import REGISTRY, TransformSpec, load_backbone
+from pipeline.errors import PipelineError
+from pipeline.finetune import (
+    LAST_STAGE,
+    FineTuneNet,
+    build_network,
+    fit,
+    load_finetuned,
+    logits_for_rows,
+    save_finetuned,
+    split_validation,
+    unfreeze_modules,
+)
+from pipeline.heads import make_head
+from pipeline.images import load_rgb
+
+# --------------------------------------------------------------- small helpers
+
+
+def _rows(folder, per_class=None, start=0):
+    """``(path, label, "")`` rows of a ``<class>/<image>`` folder, sorted, ``per_class`` each."""
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    rows = []
+    for label, c in enumerate(classes):
+        files = sorted((folder / c).iterdir())[start:]
+        rows += [(f"{c}/{f.name}", label, "") for f in files[:per_class]]
+    return classes, rows
+
+
+def _features(bb, root, rows):
+    with torch.inference_mode():
+        x = torch.stack([bb.transform(load_rgb(root / r[0])) for r in rows])
+        return bb.features(x).numpy()
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    """resnet18 with random weights and 12 small generated images: plumbing only."""
+    # On tensors this small, a second thread costs more in synchronisation than
+    # it gains, and far more when other processes share the cores.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    folder = make_class_folder(tmp_path / "photos", {"red": 6, "blue": 6})
+    classes, rows = _rows(folder)
+    bb = load_backbone("resnet18", "none")
+    net = FineTuneNet(bb.features, nn.Linear(bb.feature_dim, len(classes)))
+    yield bb, net, folder, rows
+    torch.set_num_threads(threads)
+
+
+#: 64-pixel inputs: the plumbing is the same as at 224 pixels, ten times faster.
+SMALL = TransformSpec(72, 64, "bilinear", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+FAST = dict(epochs=1, batch_size=4, val_fraction=0.0, device="cpu", transform_spec=SMALL)
+
+
+# ------------------------------------------------------------------- freezing
+
+
+def test_every_backbone_has_a_last_stage_rule_that_trains_a_part():
+    assert set(LAST_STAGE) == set(REGISTRY)
+    for name in REGISTRY:
+        bb = load_backbone(name, "none")
+        net = FineTuneNet(bb.features, nn.Linear(bb.feature_dim, 3))
+        counts = {}
+        for mode in ("none", "last", "all"):
+            unfreeze_modules(net, name, mode)
+            counts[mode] = sum(p.numel() for p in net.parameters() if p.requires_grad)
+        head = bb.feature_dim * 3 + 3
+        assert counts["none"] == head, name
+        assert head < counts["last"] < counts["all"], (name, counts)
+
+
+def test_unknown_unfreeze_and_architecture_are_one_line_errors(tiny):
+    _, net, _, _ = tiny
+    with pytest.raises(PipelineError, match="finetune.unfreeze 'some'"):
+        unfreeze_modules(net, "resnet18", "some")
+    with pytest.raises(PipelineError, match="no rule for backbone 'mystery'.*use none or all"):
+        unfreeze_modules(net, "mystery", "last")
+    unfreeze_modules(net, "mystery", "all")  # needs no rule
+
+
+def test_bad_params_name_the_key(tiny):
+    bb, net, folder, rows = tiny
+    for bad, fragment in [
+        ({"epochs": -1}, "finetune.epochs"),
+        ({"lr_backbone": 0}, "finetune.lr_backbone"),
+        ({"val_fraction": 0.9}, "finetune.val_fraction"),
+        ({"device": "tpu"}, "finetune.device"),
+        ({"epoch": 3}, "unknown finetune key"),
+    ]:
+        with pytest.raises(PipelineError, match=fragment):
+            fit(net, backbone="resnet18", root=folder, train_rows=rows, val_rows=[],
+                **{**FAST, **bad})
+
+
+def _bn_buffers(module):
+    return {n: b.clone() for n, b in module.named_buffers() if n.endswith(("running_mean", "running_var"))}
+
+
+def test_batch_norm_statistics_stay_frozen(tiny):
+    bb, net, folder, rows = tiny
+    before = _bn_buffers(net)
+    weights_before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    fit(net, backbone="resnet18", root=folder, train_rows=rows, val_rows=[],
+        unfreeze="last", log=lambda s: None, **FAST)
+    # Statistics: frozen everywhere, in the unfrozen layer4 too.
+    after = _bn_buffers(net)
+    assert any(n.startswith("features.layer4.") for n in before)
+    for n in before:
+        assert torch.equal(before[n], after[n]), n
+    # Parameters: only layer4 (its batch-norm scale and shift included) and the head train.
+    for n, p in net.named_parameters():
+        changed = not torch.equal(weights_before[n], p)
+        assert changed == n.startswith(("features.layer4.", "head.")), n
+
+
+def test_unfreeze_none_trains_the_head_only(tiny):
+    bb, net, folder, rows = tiny
+    before = {n: t.clone() for n, t in net.state_dict().items()}
+    fit(net, backbone="resnet18", root=folder, train_rows=rows, val_rows=[],
+        unfreeze="none", log=lambda s: None, **FAST)
+    changed = {n for n, t in net.state_dict().items() if not torch.equal(before[n], t)}
+    assert changed == {"head.weight", "head.bias"}
+
+
+def test_max_minutes_stops_cleanly_and_keeps_the_best(tiny):
+    bb, net, folder, rows = tiny
+    tr, va = split_validation([r[1] for r in rows], 0.34, 0)
+    lines = []
+    res = fit(net, backbone="resnet18", root=folder, train_rows=[rows[i] for i in tr],
+              val_rows=[rows[i] for i in va],
+              **{**FAST, "epochs": 50, "val_fraction": 0.34, "max_minutes": 1e-6}, log=lines.append)
+    assert res.stopped == "max_minutes" and res.epochs_run == 1 and res.best_epoch == 1
+    assert any("max_minutes" in line for line in lines), lines
+    assert any("s per epoch" in line for line in lines), lines  # the estimate, after the first batches
+    assert set(res.history[0]) >= {"train/loss", "val/accuracy"}
+
+
+def test_validation_slice_is_stratified_and_leaves_training_images():
+    labels = [0] * 10 + [1] * 5 + [2] * 1
+    tr, va = split_validation(labels, 0.2, seed=0)
+    assert sorted(np.concatenate([tr, va]).tolist()) == list(range(16))
+    assert np.bincount(np.asarray(labels)[va], minlength=3).tolist() == [2, 1, 0]
+    assert len(split_validation(labels, 0.0, 0)[1]) == 0
+
+
+def test_saved_network_round_trips_and_refuses_stale(tmp_path, tiny):
+    bb, net, folder, rows = tiny
+    path = tmp_path / "models" / "finetune.pt"
+    save_finetuned(path, net, bb, ["blue", "red"], training={"best_epoch": 0})
+    info = json.loads(path.with_suffix(".json").read_text())
+    assert info["backbone"] == "resnet18" and info["classes"] == ["blue", "red"]
+    assert set(info["transform"]) == {"resize", "crop", "interpolation", "mean", "std"}
+    assert all(isinstance(v, torch.Tensor) for v in torch.load(path, weights_only=True).values())
+    loaded, _ = load_finetuned(path, {**bb.provenance(), "classes": ["blue", "red"]})
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), net.eval()(x))
+    with pytest.raises(PipelineError, match="classes=.*stale"):
+        load_finetuned(path, {"classes": ["cat", "dog"]})
+    with pytest.raises(PipelineError, match="run the finetune stage"):
+        load_finetuned(tmp_path / "nothing.pt")
+
+
+# ------------------------------------------------------------- real photos
+
+
+@pytest.mark.sample_data
+def test_network_starts_at_the_logreg_heads_accuracy(catsdogs):
+    """Before any optimiser step the network predicts what the head predicts."""
+    bb = load_backbone("efficientnet_lite0")
+    classes, train = _rows(catsdogs, per_class=16)
+    _, test = _rows(catsdogs, per_class=20, start=100)
+    X, y = _features(bb, catsdogs, train), np.array([r[1] for r in train])
+    head = make_head("logreg", C=[0.1], cv_folds=2, y=y).fit(X, y).best_estimator_
+    Xt, yt = _features(bb, catsdogs, test), np.array([r[1] for r in test])
+    head_acc = float((head.predict(Xt) == yt).mean())
+
+    net = build_network(bb.features, head)
+    logits, labels = logits_for_rows(net, root=catsdogs, rows=test, transform=bb.transform, device="cpu")
+    net_acc = float((logits.argmax(1) == labels).mean())
+    assert head_acc >= 0.9, head_acc  # real features: the comparison means something
+    assert abs(net_acc - head_acc) <= 0.01, (net_acc, head_acc)
+    probs = torch.from_numpy(logits).softmax(1).numpy()
+    np.testing.assert_allclose(probs, head.predict_proba(Xt), atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.sample_data
+def test_catsdogs_repro_through_finetune(project, catsdogs):
+    project.set_params(
+        data={"source": "folder", "folder": str(catsdogs), "test_fraction": 0.2, "seed": 0},
+        backbone={"name": "efficientnet_lite0", "weights": "DEFAULT"},
+    )
+    project.commit("catsdogs with the finetune stage")
+    out = project.dvc("repro").stdout
+    root = project.path
+    order = [out.index(f"Running stage '{s}'") for s in ("train_heads@logreg", "finetune", "evaluate")]
+    assert order == sorted(order), out
+    assert "s per epoch" in out, out  # the estimate printed as the stage starts
+
+    metrics = json.loads((root / "reports/metrics.json").read_text())
+    assert set(metrics) == {"logreg", "svm", "finetune"}
+    assert set(metrics["finetune"]) == set(metrics["logreg"])
+    assert metrics["finetune"]["n_test"] == metrics["logreg"]["n_test"] == 48
+    # It starts at the head's accuracy and keeps its best validation epoch.
+    assert metrics["finetune"]["accuracy"] >= metrics["logreg"]["accuracy"] - 0.01, metrics
+    confusion = (root / "reports/confusion_finetune.csv").read_text().splitlines()
+    assert confusion[0] == "actual,predicted" and len(confusion) == 49
+
+    live = json.loads((root / "dvclive/metrics.json").read_text())
+    assert {"train", "val", "best_epoch"} <= set(live), live
+    assert (root / "dvclive/plots/metrics/val/accuracy.tsv").is_file()
+    assert (root / "dvclive/plots/metrics/train/loss.tsv").is_file()
+    state = torch.load(root / "models/finetune.pt", weights_only=True)
+    assert any(k.startswith("head.") for k in state) and any(k.startswith("features.") for k in state)
+    info = json.loads((root / "models/finetune.json").read_text())
+    assert info["classes"] == ["cat", "dog"] and info["backbone"] == "efficientnet_lite0"
+    assert 1 <= info["training"]["best_epoch"] <= info["params"]["epochs"]
+
+    # DVC sees everything it declared, and a second repro has nothing to do.
+    shown = project.dvc("metrics", "show", "--json").stdout
+    assert "finetune" in shown and "best_epoch" in shown
+    status = project.dvc("status").stdout
+    assert "finetune" not in status and "evaluate" not in status, status
