@@ -63,7 +63,8 @@ def finetune_test_scores(model_path, *, fs, prepared_dir, expected: dict, device
 
 
 def run_evaluate(
-    *, features_file, models_dir, top_k, reports_dir, finetuned_model=None, prepared_dir=None, device="auto"
+    *, features_file, models_dir, top_k, reports_dir, finetuned_model=None, prepared_dir=None, device="auto",
+    out_of_core: bool = False, chunk_rows: int = 65536,
 ) -> dict:
     """The ``evaluate`` stage: metrics.json, per_class.csv and confusion_<head>.csv.
 
@@ -73,6 +74,8 @@ def run_evaluate(
         prepared_dir: the prepare stage's output, where the test images are
             found; needed with ``finetuned_model``.
         device: where the fine-tuned network runs (``auto``: CUDA when present).
+        out_of_core: stream the test split ``chunk_rows`` rows at a time
+            instead of loading the feature cache.
     """
     from pathlib import Path
 
@@ -81,8 +84,14 @@ def run_evaluate(
     from pipeline.fileio import write_csv, write_json
     from pipeline.heads import HEADS, load_head, scores
 
-    fs = read_features(features_file)
-    X, y = fs.subset("test")
+    if out_of_core:  # features stay on disk, read chunk_rows rows at a time
+        from pipeline.out_of_core import open_features
+
+        fs = open_features(features_file, chunk_rows=chunk_rows)
+        y = fs.labels_of("test")
+    else:
+        fs = read_features(features_file)
+        X, y = fs.subset("test")
     if len(y) == 0:
         raise PipelineError(f"{features_file} has no test rows; check the prepare stage's split")
     expected = {k: fs.attrs[k] for k in CHECKED_ATTRS}
@@ -103,7 +112,11 @@ def run_evaluate(
 
     for name in HEADS:
         est = load_head(Path(models_dir) / f"{name}.joblib", expected)["estimator"]
-        report(name, est.predict(X), scores(est, X))
+        if out_of_core:
+            _, pred, s = fs.predict(est, "test")
+        else:
+            pred, s = est.predict(X), scores(est, X)
+        report(name, pred, s)
     if finetuned_model is not None:
         if prepared_dir is None:
             raise TypeError("run_evaluate: finetuned_model needs prepared_dir (where the test images are listed)")

@@ -592,11 +592,14 @@ def read_features(path: str | Path, expected: dict | None = None) -> FeatureSet:
     Raises:
         PipelineError: missing or unreadable file, or stale provenance.
     """
+    from pipeline.ray_engine import check_shards
+
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"feature cache {path} not found; run the extract stage first (dvc repro)")
     try:
         with h5py.File(path, "r") as h5:
+            check_shards(h5, path)  # a cache the ray engine wrote is virtual over shard files
             attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in h5.attrs.items()}
             fs = FeatureSet(
                 features=h5["features"][:],
@@ -631,12 +634,45 @@ def run_extract(
     compile: str | bool = "auto",
     store_dir=None,
     flush_every: int = 256,
+    engine: str = "local",
+    ray: dict | None = None,
 ) -> ExtractResult:
-    """The ``extract`` stage: manifest in, ``<out_dir>/<backbone>.h5`` out."""
+    """The ``extract`` stage: manifest in, ``<out_dir>/<backbone>.h5`` out.
+
+    ``engine``: ``local`` (this machine) or ``ray`` (Ray Data actors, see
+    :mod:`pipeline.ray_engine`; ``ray`` holds ``extract.ray``: address,
+    num_gpus_per_worker, concurrency).
+    """
     from pipeline.backbones import load_backbone
     from pipeline.datasets import read_prepared
+    from pipeline.ray_engine import reset_shards_dir
 
+    if engine not in ("local", "ray"):
+        raise PipelineError(f"unknown extract.engine '{engine}'; accepted: local, ray")
     prepared = read_prepared(prepared_dir)
+    if engine == "ray":
+        from pipeline.ray_engine import extract_with_ray
+
+        r = ray or {}
+        out = features_path(out_dir, backbone)
+        print(
+            f"extract: {len(prepared.rows)} images through {backbone} on Ray "
+            f"({r.get('address') or 'local instance'}, {r.get('concurrency', 2)} actors) -> {out}",
+            flush=True,
+        )
+        res = extract_with_ray(
+            backbone_name=backbone, weights=weights, root=prepared.root, rows=prepared.rows,
+            classes=prepared.classes, out_path=out, address=r.get("address", ""),
+            num_gpus_per_worker=r.get("num_gpus_per_worker", 0), concurrency=r.get("concurrency", 2),
+            batch_size=batch_size, decoder=decoder, decode_threads=decode_threads, compile=compile,
+            store_dir=store_dir, flush_every=flush_every,
+        )
+        print(
+            f"extract: {res.n_images} images in {res.seconds:.1f} s on Ray: {res.n_computed} computed, "
+            f"{res.n_reused} reused, {res.n_skipped} skipped",
+            flush=True,
+        )
+        return res
     bb = load_backbone(backbone, weights)
     dev = resolve_device(device)
     out = features_path(out_dir, backbone)
@@ -659,6 +695,7 @@ def run_extract(
         store_dir=store_dir,
         flush_every=flush_every,
     )
+    reset_shards_dir(out)  # no shards from an earlier ray run; DVC tracks the (empty) folder either way
     speed = f" at {res.images_per_second:.1f} images/s ({res.mode})" if res.n_computed else ""
     compiled = f", compile {res.compile_seconds:.1f} s" if res.compile_seconds else ""
     print(

@@ -118,7 +118,8 @@ def load_head(path: str | Path, expected: dict | None = None) -> dict:
 
 
 def train_head(
-    *, name: str, features_file, models_dir, C, max_iter: int, cv_folds: int, seed: int, report_path=None
+    *, name: str, features_file, models_dir, C, max_iter: int, cv_folds: int, seed: int, report_path=None,
+    out_of_core: bool = False, chunk_rows: int = 65536, epochs: int = 10,
 ) -> dict:
     """The ``train_heads`` stage for one head: fit it on the train split and save it.
 
@@ -129,6 +130,11 @@ def train_head(
     from pipeline.fileio import write_json
 
     check_head(name)
+    if out_of_core:  # features larger than memory: SGD over HDF5 chunks (max_iter, cv_folds unused)
+        from pipeline.out_of_core import train_head_out_of_core
+
+        return train_head_out_of_core(name=name, features_file=features_file, models_dir=models_dir, C=C,
+                                      epochs=epochs, chunk_rows=chunk_rows, seed=seed, report_path=report_path)
     fs = read_features(features_file)
     X, y = fs.subset("train")
     if len(y) == 0:

@@ -16,6 +16,8 @@ def main():
         # dvc.yaml runs the finetune stage first; its network is scored beside the heads.
         finetuned_model="models/finetune.pt",
         prepared_dir="data/prepared",
+        out_of_core=p["heads"]["out_of_core"],
+        chunk_rows=p["heads"]["chunk_rows"],
     )
 
 

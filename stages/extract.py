@@ -20,6 +20,8 @@ def main():
         compile=e["compile"],
         store_dir=e["store"] or None,
         flush_every=e["flush_every"],
+        engine=e["engine"],
+        ray=e["ray"],
     )
 
 

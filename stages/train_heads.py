@@ -24,6 +24,9 @@ def main():
         cv_folds=h["cv_folds"],
         seed=h["seed"],
         report_path=f"reports/cv_{name}.json",
+        out_of_core=h["out_of_core"],
+        chunk_rows=h["chunk_rows"],
+        epochs=h["epochs"],
     )
 
 
