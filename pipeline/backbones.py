@@ -317,14 +317,19 @@ def load_backbone(name: str, weights: str = "DEFAULT") -> Backbone:
         name: a key of :data:`REGISTRY`.
         weights: ``DEFAULT``; a torchvision weights name (``IMAGENET1K_V1`` or
             ``ResNet50_Weights.IMAGENET1K_V1``); a path to a state-dict file of the
-            full ImageNet network; or ``none`` for random initialisation.
+            full ImageNet network; or ``none`` for random initialisation (seeded:
+            the same network every time).
 
     Raises:
         PipelineError: unknown name or weights, unreadable file, failed download.
     """
     spec = get_spec(name)
     weights = str(weights).strip()
-    model = spec.builder()
+    # A fixed seed makes `weights: none` one reproducible network, not a new
+    # random one per run: caches keyed by "none" stay valid across runs.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = spec.builder()
     transform = spec.default_transform()
     sha = ""
     if weights.lower() == "none":

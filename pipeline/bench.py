@@ -10,6 +10,9 @@ Prints, in one run on the same images:
   fp32 forward under no_grad);
 * the peak resident memory after the stage's code path ran.
 
+``python -m pipeline.bench incremental --folder DIR --backbone NAME [--add 10] [--repeat 10]``
+times adding images to an extracted set against the full extraction.
+
 ``python -m pipeline.bench draft --folder DIR --backbone NAME [--upscale 2]``
 measures what reduced-scale JPEG decoding (draft mode) changes: feature rows
 and a logistic-regression head's test accuracy, with and without it.
@@ -220,6 +223,56 @@ def bench_draft(folder, backbone, weights="DEFAULT", upscale=1, test_fraction=0.
     return out
 
 
+def bench_incremental(folder, backbone, weights="DEFAULT", add=10, repeat=1) -> dict:
+    """Cost of adding ``add`` images to an extracted set, against the full extraction.
+
+    With ``repeat`` > 1 the set is the folder repeated that many times (each copy
+    a distinct file: one byte appended after the JPEG data), in a temporary folder.
+    """
+    import numpy as np
+
+    from pipeline.backbones import load_backbone
+    from pipeline.features import extract_features, read_features
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(folder)
+        if repeat > 1:
+            big = Path(tmp) / "set"
+            for f in src.rglob("*"):
+                if f.is_file():
+                    data = f.read_bytes()
+                    for k in range(repeat):
+                        dest = big / f.relative_to(src).parent / f"{k}_{f.name}"
+                        dest.parent.mkdir(parents=True, exist_ok=True)
+                        dest.write_bytes(data + bytes([k % 256]) * (k > 0))
+            src = big
+        classes, rows = _rows(src, None)
+        rng = np.random.default_rng(0)
+        held = set(rng.choice(len(rows), size=add, replace=False).tolist())
+        first = [r for i, r in enumerate(rows) if i not in held]
+        store = Path(tmp) / "store"
+
+        def run(rows_, name, store_dir):
+            t = time.perf_counter()
+            bb = load_backbone(backbone, weights)  # the stage loads the network each run too
+            res = extract_features(bb, root=src, rows=rows_, classes=classes, out_path=Path(tmp) / name,
+                                   store_dir=store_dir, compile=False)
+            return res, time.perf_counter() - t
+
+        full, t_full = run(first, "full.h5", store)
+        more, t_more = run(rows, "more.h5", store)
+        scratch, t_scratch = run(rows, "scratch.h5", None)
+        a, b = read_features(Path(tmp) / "more.h5"), read_features(Path(tmp) / "scratch.h5")
+        same = list(a.paths) == list(b.paths) and bool(np.allclose(a.features, b.features, rtol=1e-4, atol=1e-5))
+    print(
+        f"bench incremental: {backbone}, {len(first)} images extracted in {t_full:.1f} s; adding {add}: "
+        f"{more.n_computed} computed in {t_more:.1f} s ({100 * t_more / t_full:.1f}% of the full run); "
+        f"equals a from-scratch extraction ({t_scratch:.1f} s) row for row: {same}",
+        flush=True,
+    )
+    return {"full_s": t_full, "add_s": t_more, "computed": more.n_computed, "same": same}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pipeline.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -240,7 +293,16 @@ def main(argv=None) -> None:
     d.add_argument("--backbone", required=True)
     d.add_argument("--weights", default="DEFAULT")
     d.add_argument("--upscale", type=int, default=1, help="enlarge every photo first, so draft mode applies")
+    i = sub.add_parser("incremental", help="cost of adding images to an extracted set")
+    i.add_argument("--folder", required=True)
+    i.add_argument("--backbone", required=True)
+    i.add_argument("--weights", default="DEFAULT")
+    i.add_argument("--add", type=int, default=10)
+    i.add_argument("--repeat", type=int, default=1, help="use the folder repeated N times (distinct files)")
     a = parser.parse_args(argv)
+    if a.what == "incremental":
+        bench_incremental(a.folder, a.backbone, a.weights, a.add, a.repeat)
+        return
     if a.what == "draft":
         bench_draft(a.folder, a.backbone, a.weights, a.upscale)
         return

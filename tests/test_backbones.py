@@ -91,3 +91,9 @@ def test_unreadable_or_mismatched_weights_file(tmp_path):
     torch.save(torchvision.models.mobilenet_v2(weights=None).state_dict(), other)
     with pytest.raises(PipelineError, match="do not fit backbone resnet18"):
         load_backbone("resnet18", str(other))
+
+
+def test_random_init_is_the_same_network_every_time():
+    a, b = load_backbone("resnet18", "none"), load_backbone("resnet18", "none")
+    for (k, va), vb in zip(a.features.state_dict().items(), b.features.state_dict().values()):
+        assert torch.equal(va, vb), k
