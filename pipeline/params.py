@@ -60,6 +60,30 @@ DEFAULTS: dict = {
         "device": "auto",
         "decode_workers": "auto",
     },
+    "visualize": {
+        "classes": [],  # head class names to draw; [] = every class of the head
+        "imagenet_classes": [285, 340],  # ImageNet ids, drawn with the backbone's own classifier
+        "model": "logreg",  # the head (models/<model>.joblib)
+        "param": "fourier",  # fourier | pixel
+        "steps": 256,
+        "lr": 0.05,
+        "tv_weight": 250.0,
+        "l2_weight": 20.0,
+        "seed": 0,
+        "judge": "efficientnet_lite2",  # a second backbone that scores ImageNet-class images; "" = none
+        "attack": {
+            "source": "",  # a head class; "" = the first class
+            "target": "",  # a head class; "" = the class after the source
+            "eps": [1 / 255, 2 / 255, 4 / 255, 8 / 255],
+            "steps": 10,
+            "max_images": 16,
+            "random_start": True,
+            "save": 3,
+            "transfer_to": "",  # a second backbone ...
+            "transfer_head": "",  # ... and a head trained on its features; "" = no transfer test
+        },
+        "feature_maps": {"images": 4, "channels": 16},
+    },
     "evaluate": {"top_k": [3, 5]},
 }
 

@@ -673,7 +673,7 @@ def test_repro_over_messy_folder_equals_clean_folder(project, tmp_path, catsdogs
             data={"source": "folder", "folder": str(folder), "test_fraction": 0.2, "seed": 0},
             backbone={"name": "efficientnet_lite0", "weights": "DEFAULT"},
         )
-        out = project.dvc("repro").stdout
+        out = project.dvc("repro", "evaluate").stdout
         root = project.path
         found = json.loads((root / "data/prepared/rejected.json").read_text())
         assert {r["path"] for r in found} == rejected.keys()

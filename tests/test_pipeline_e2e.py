@@ -11,14 +11,15 @@ import pytest
 pytestmark = [pytest.mark.slow, pytest.mark.sample_data]
 
 
-def _repro_folder(project, folder, **extra):
+def _repro_folder(project, folder, target="evaluate", **extra):
+    """``dvc repro`` on a sample folder; up to ``evaluate`` unless told otherwise."""
     project.set_params(
         data={"source": "folder", "folder": str(folder), "test_fraction": 0.2, "seed": 0},
         backbone={"name": "efficientnet_lite0", "weights": "DEFAULT"},
         **extra,
     )
     project.commit("use the sample folder")
-    return project.dvc("repro")
+    return project.dvc("repro", *([target] if target else []))
 
 
 def _check_schema(h5_path, n_expected, classes):
@@ -41,8 +42,17 @@ def _check_schema(h5_path, n_expected, classes):
         return paths, splits
 
 
+# The visualize stage, kept small: the real dvc repro runs every stage.
+SMALL_VISUALIZE = {
+    "imagenet_classes": [285],
+    "steps": 24,
+    "attack": {"source": "dog", "target": "cat", "steps": 5, "max_images": 6, "save": 1},
+    "feature_maps": {"images": 2, "channels": 4},
+}
+
+
 def test_catsdogs_repro_metrics_schema_and_granular_rerun(project, catsdogs):
-    _repro_folder(project, catsdogs)
+    _repro_folder(project, catsdogs, target=None, visualize=SMALL_VISUALIZE)
     root = project.path
 
     manifest = (root / "data/prepared/manifest.csv").read_text().splitlines()
@@ -68,6 +78,17 @@ def test_catsdogs_repro_metrics_schema_and_granular_rerun(project, catsdogs):
     assert confusion[0] == "actual,predicted" and len(confusion) == 49
     assert (root / "reports/per_class.csv").is_file()
 
+    # The visualize stage ran, with the judge's verdict on the ImageNet class.
+    ideal = json.loads((root / "reports/visualize/ideal.json").read_text())
+    assert set(ideal) == {"cat", "dog", "in285_egyptian_cat"}
+    assert isinstance(ideal["in285_egyptian_cat"]["judge_rank"], int)
+    assert 0 <= ideal["in285_egyptian_cat"]["judge_prob"] <= 1
+    attack = json.loads((root / "reports/visualize/attack.json").read_text())
+    assert (attack["source"], attack["target"]) == ("dog", "cat")
+    rates = [e["success_rate"] for e in attack["eps"].values()]
+    assert len(rates) == 4 and rates == sorted(rates)
+    assert (root / "reports/visualize/attack.csv").read_text().startswith("eps,success_rate")
+
     # DVC's own views of the results work.
     shown = project.dvc("metrics", "show", "--json").stdout
     assert "logreg" in shown and "accuracy" in shown
@@ -79,7 +100,7 @@ def test_catsdogs_repro_metrics_schema_and_granular_rerun(project, catsdogs):
     first_c = json.loads((root / "reports/cv_logreg.json").read_text())["logreg"]["best_C"]
     before = h5_path.stat().st_mtime_ns
     project.set_params(heads={"logreg": {"C": [0.5]}})
-    out = project.dvc("repro").stdout
+    out = project.dvc("repro", "evaluate").stdout
     assert "Stage 'extract' didn't change, skipping" in out, out
     assert "Running stage 'train_heads@logreg'" in out, out
     assert "Stage 'train_heads@svm' didn't change, skipping" in out, out
@@ -111,9 +132,9 @@ def test_backbone_switch_and_back_restores_from_run_cache(project, catsdogs):
     _repro_folder(project, catsdogs, heads={"cv_folds": 3})
     project.commit("lite0")
     project.set_params(backbone={"name": "resnet18", "weights": "none"})
-    out = project.dvc("repro").stdout
+    out = project.dvc("repro", "evaluate").stdout
     assert "Running stage 'extract'" in out
     project.set_params(backbone={"name": "efficientnet_lite0", "weights": "DEFAULT"})
-    out = project.dvc("repro").stdout
+    out = project.dvc("repro", "evaluate").stdout
     assert "Stage 'extract' is cached - skipping run, checking out outputs" in out, out
     assert (project.path / "data/features/efficientnet_lite0.h5").is_file()

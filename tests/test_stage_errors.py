@@ -26,7 +26,7 @@ def _error_line(res) -> str:
 
 def test_tiny_folder_runs_through_with_random_weights(tiny_project):
     project, _ = tiny_project
-    project.dvc("repro")
+    project.dvc("repro", "evaluate")
     assert (project.path / "reports/metrics.json").is_file()
 
 
@@ -44,7 +44,7 @@ def test_tiny_folder_runs_through_with_random_weights(tiny_project):
 def test_bad_params_fail_with_one_line_and_leave_nothing(tiny_project, params, stage_output, fragment):
     project, _ = tiny_project
     project.set_params(**params)
-    res = project.dvc("repro", check=False)
+    res = project.dvc("repro", "evaluate", check=False)
     assert res.returncode != 0
     line = _error_line(res)
     assert fragment in line, line
@@ -57,6 +57,6 @@ def test_empty_class_folder_is_named(tiny_project):
     project, folder = tiny_project
     (folder / "green").mkdir()
     write(folder / "green" / "broken.jpg", b"")
-    res = project.dvc("repro", check=False)
+    res = project.dvc("repro", "evaluate", check=False)
     assert res.returncode != 0
     assert "green" in _error_line(res)

