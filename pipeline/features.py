@@ -176,7 +176,8 @@ class _ShardReader:
 # --------------------------------------------------------------------- decoding
 
 
-def _read_checked(root: Path, rel: str, expected_sha: str) -> tuple[bytes | None, str | None]:
+def read_checked(root: Path, rel: str, expected_sha: str) -> tuple[bytes | None, str | None]:
+    """An image file's bytes, checked against the manifest's hash: ``(data, None)`` or ``(None, reason)``."""
     try:
         data = (root / rel).read_bytes()
     except OSError as e:
@@ -208,7 +209,7 @@ class _PillowBatches:
         self.thread.start()
 
     def _decode_into(self, buf, i, row) -> str | None:
-        data, why = _read_checked(self.root, row[0], row[3])
+        data, why = read_checked(self.root, row[0], row[3])
         if why:
             return why
         try:
@@ -310,7 +311,7 @@ class _TorchvisionBatches:
         batch = torch.empty((self.batch_size, 3, c, c), dtype=torch.uint8, device=self.device)
         batch = batch.contiguous(memory_format=torch.channels_last)
         chunks = [self.rows[s : s + self.batch_size] for s in range(0, len(self.rows), self.batch_size)]
-        read = lambda chunk: list(self.pool.map(lambda r: _read_checked(self.root, r[0], r[3]), chunk))  # noqa: E731
+        read = lambda chunk: list(self.pool.map(lambda r: read_checked(self.root, r[0], r[3]), chunk))  # noqa: E731
         pending = self.pool.submit(read, chunks[0]) if chunks else None
         for k, chunk in enumerate(chunks):
             results = pending.result()

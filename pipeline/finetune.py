@@ -22,7 +22,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import random
@@ -37,7 +36,7 @@ from torch import nn
 
 from pipeline.backbones import TransformSpec, get_spec
 from pipeline.errors import BadImage, PipelineError
-from pipeline.features import check_provenance, resolve_device
+from pipeline.features import check_provenance, read_checked, resolve_device
 from pipeline.fileio import atomic_path, read_json, write_json
 from pipeline.images import load_rgb
 from pipeline.params import DEFAULTS
@@ -170,12 +169,9 @@ def train_transform(spec: TransformSpec) -> Callable:
 
 def _decode(root: Path, rel: str, expected_sha: str, transform):
     """Read, check and preprocess one image: ``(tensor, None)`` or ``(None, reason)``."""
-    try:
-        data = (root / rel).read_bytes()
-    except OSError as e:
-        return None, f"cannot read file ({e.strerror or e})"
-    if expected_sha and hashlib.sha256(data).hexdigest() != expected_sha:
-        return None, "file changed since the prepare stage listed it"
+    data, why = read_checked(root, rel, expected_sha)
+    if why:
+        return None, why
     try:
         return transform(load_rgb(root / rel, data=data)), None
     except BadImage as e:
