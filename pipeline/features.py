@@ -104,6 +104,7 @@ class FeatureStore:
         self.flush_rows = flush_rows
         self._hashes: list[str] = []
         self._rows: list[np.ndarray] = []
+        self._index: dict[str, tuple[Path, int]] | None = None
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             if not (self.dir / "key.json").is_file():
@@ -117,7 +118,13 @@ class FeatureStore:
         return sorted(self.dir.glob("shard-*.h5"))
 
     def index(self) -> dict[str, tuple[Path, int]]:
-        """content hash -> (shard, row) for every row already stored."""
+        """content hash -> (shard, row) for every row already stored.
+
+        The shards are scanned once; rows flushed afterwards are added as they
+        are written, so asking again costs nothing.
+        """
+        if self._index is not None:
+            return self._index
         idx: dict[str, tuple[Path, int]] = {}
         for shard in self.shards():
             try:
@@ -130,6 +137,7 @@ class FeatureStore:
                 continue
             for i, h in enumerate(hashes):
                 idx[h] = (shard, i)
+        self._index = idx
         return idx
 
     def add(self, hashes: list[str], rows: np.ndarray) -> None:
@@ -148,9 +156,11 @@ class FeatureStore:
         with h5py.File(buffer, "w") as h5:
             h5["sha256"] = np.array(self._hashes, dtype=object).astype(h5py.string_dtype("ascii"))
             h5["features"] = np.concatenate(self._rows)
-        name = f"shard-{time.time_ns():020d}-{os.getpid()}.h5"
-        with atomic_path(self.dir / name, suffix=".h5") as tmp:
+        shard = self.dir / f"shard-{time.time_ns():020d}-{os.getpid()}.h5"
+        with atomic_path(shard, suffix=".h5") as tmp:
             tmp.write_bytes(buffer.getbuffer())
+        if self._index is not None:
+            self._index.update((h, (shard, i)) for i, h in enumerate(self._hashes))
         self._hashes, self._rows = [], []
 
 
@@ -429,7 +439,7 @@ def extract_features(
                 seen.add(r[3])
                 todo.append(r)
         compute = _run_network(backbone, todo, root, store, dev, decoder, batch_size, decode_threads, compile)
-        index = store.index()
+        index = store.index()  # now with the rows just computed
         failed = {r[0]: why for r, why in compute["failed"]}
         good = [r for r in rows if r[3] in index]
         skipped = [{"path": r[0], "reason": failed.get(r[0], "could not be decoded (see above)")}
@@ -522,6 +532,18 @@ def _check_free_space(path: Path, needed: int) -> None:
         )
 
 
+def cache_attrs(backbone: Backbone, classes, decoder: str) -> dict:
+    """The feature cache's attributes: provenance, decoder, versions, class list."""
+    attrs = backbone.provenance()
+    attrs.update(
+        decoder=decoder,
+        torch_version=str(torch.__version__),  # a str subclass h5py cannot store
+        classes=json.dumps(classes, ensure_ascii=False),
+        feature_dim=backbone.feature_dim,
+    )
+    return attrs
+
+
 def _assemble(out_path, good, index, backbone: Backbone, classes, decoder) -> None:
     """Write the stage's HDF5 file from the store, in manifest order, atomically."""
     n, dim = len(good), backbone.feature_dim
@@ -542,14 +564,7 @@ def _assemble(out_path, good, index, backbone: Backbone, classes, decoder) -> No
             h5.create_dataset(
                 "sha256", data=np.array([r[3] for r in good], dtype=object), dtype=h5py.string_dtype("ascii")
             )
-            attrs = backbone.provenance()
-            attrs.update(
-                decoder=decoder,
-                torch_version=str(torch.__version__),  # a str subclass h5py cannot store
-                classes=json.dumps(classes, ensure_ascii=False),
-                feature_dim=dim,
-            )
-            h5.attrs.update(attrs)
+            h5.attrs.update(cache_attrs(backbone, classes, decoder))
 
 
 # ------------------------------------------------------------------------ read

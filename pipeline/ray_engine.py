@@ -44,7 +44,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -69,6 +68,7 @@ from pipeline.features import (
     _prepare_model,
     _ShardReader,
     _TorchvisionBatches,
+    cache_attrs,
     resolve_decoder,
 )
 from pipeline.fileio import atomic_path, remove_stale_temporaries
@@ -273,18 +273,6 @@ class _ShardWriter:
         self.h5.close()
 
 
-def _attrs(bb, classes, decoder) -> dict:
-    """The cache's attributes, exactly as :func:`pipeline.features._assemble` writes them."""
-    attrs = bb.provenance()
-    attrs.update(
-        decoder=decoder,
-        torch_version=str(torch.__version__),
-        classes=json.dumps(classes, ensure_ascii=False),
-        feature_dim=bb.feature_dim,
-    )
-    return attrs
-
-
 def _runs(shard: np.ndarray, row: np.ndarray):
     """Split a master -> (shard, row) mapping into maximal contiguous runs.
 
@@ -429,7 +417,7 @@ def extract_with_ray(
     bb = load_backbone(backbone_name, weights)  # the driver's copy: provenance, width, early errors
     device = "cuda" if num_gpus_per_worker > 0 else "cpu"
     decoder = resolve_decoder(decoder, torch.device(device))
-    attrs = _attrs(bb, classes, decoder)
+    attrs = cache_attrs(bb, classes, decoder)
     dim = bb.feature_dim
 
     out_dir, final_shards = out_path.parent, shards_dir(out_path)
