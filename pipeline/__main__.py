@@ -22,7 +22,7 @@ def _backbones(_args) -> None:
 
 
 def _predict(args) -> None:
-    from pipeline.predict import run_predict
+    from pipeline.serve.predict import run_predict
 
     run_predict(
         paths=args.paths,

@@ -17,67 +17,15 @@ import hashlib
 import importlib
 import os
 import urllib.error
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 from torch import nn
 
+from pipeline.data.transform import TransformSpec
 from pipeline.errors import PipelineError
-
-
-@dataclass(frozen=True)
-class TransformSpec:
-    """Resize the shorter side, centre-crop, scale to [0, 1], normalise."""
-
-    resize: int
-    crop: int
-    interpolation: str  # "bilinear" | "bicubic"
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-
-    def describe(self) -> str:
-        """A readable, stable description; stored in the HDF5 cache and checked on read."""
-        mean = ", ".join(f"{v:g}" for v in self.mean)
-        std = ", ".join(f"{v:g}" for v in self.std)
-        return (
-            f"resize shorter side to {self.resize} ({self.interpolation}, Pillow), "
-            f"center crop {self.crop}x{self.crop}, scale to [0, 1], "
-            f"normalize mean=({mean}) std=({std})"
-        )
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def resize_crop(self, image):
-        """PIL image -> PIL image of crop x crop: the geometric part of the transform.
-
-        Resizing is Pillow's, as in torchvision's ``weights.transforms()``, so the
-        cached features equal those of the usual ImageFolder/DataLoader loop.
-        """
-        from torchvision.transforms import InterpolationMode
-        from torchvision.transforms import functional as F
-
-        image = F.resize(image, self.resize, interpolation=InterpolationMode(self.interpolation))
-        return F.center_crop(image, self.crop)
-
-    def normalize_(self, batch: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, 3, H, W) -> float32 normalised, keeping the memory format."""
-        mean = torch.tensor(self.mean, device=batch.device).view(1, 3, 1, 1) * 255
-        inv_std = 1 / (torch.tensor(self.std, device=batch.device).view(1, 3, 1, 1) * 255)
-        return batch.float().sub_(mean).mul_(inv_std)
-
-    def build(self) -> Callable:
-        """A callable PIL image -> float tensor (3, crop, crop), for one image at a time."""
-
-        def transform(image):
-            array = np.asarray(self.resize_crop(image).convert("RGB"))
-            x = torch.from_numpy(array.copy()).permute(2, 0, 1)[None]
-            return self.normalize_(x)[0].contiguous()
-
-        return transform
 
 
 @dataclass

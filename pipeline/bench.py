@@ -63,7 +63,7 @@ def _model_only(model, batches, device, repeat=1) -> float:
 def bench_extract(folder, backbone, weights="DEFAULT", batch_size=32, device="auto", baseline=False,
                   limit=None, decode_threads=1, decoder="auto", workers=2) -> dict:
     from pipeline.backbones import load_backbone
-    from pipeline.features import _autocast, extract_features, resolve_device
+    from pipeline.extract.local import _autocast, extract_features, resolve_device
 
     folder = Path(folder)
     dev = resolve_device(device)
@@ -93,7 +93,7 @@ def bench_extract(folder, backbone, weights="DEFAULT", batch_size=32, device="au
         print(f"  peak resident memory so far: {out['peak_rss_mb']:.0f} MB", flush=True)
 
     # The same images, preprocessed once and held in memory: the network alone.
-    from pipeline.images import load_rgb
+    from pipeline.data.images import load_rgb
 
     spec = bb.transform_spec
     tfm = spec.build()
@@ -178,8 +178,8 @@ def bench_draft(folder, backbone, weights="DEFAULT", upscale=1, test_fraction=0.
     from sklearn.model_selection import train_test_split
 
     from pipeline.backbones import load_backbone
-    from pipeline.features import extract_features, read_features
-    from pipeline.heads import make_head
+    from pipeline.extract.local import extract_features, read_features
+    from pipeline.heads.batch import make_head
 
     bb = load_backbone(backbone, weights)
     with tempfile.TemporaryDirectory() as tmp:
@@ -232,7 +232,7 @@ def bench_incremental(folder, backbone, weights="DEFAULT", add=10, repeat=1) -> 
     import numpy as np
 
     from pipeline.backbones import load_backbone
-    from pipeline.features import extract_features, read_features
+    from pipeline.extract.local import extract_features, read_features
 
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(folder)

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from pipeline.backbones import load_backbone
-from pipeline.features import resolve_device
-from pipeline.visualize import (
+from pipeline.extract.local import resolve_device
+from pipeline.visualize.stage import (
     DEFAULTS,
     captioned_grid,
     class_probabilities,

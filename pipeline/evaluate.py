@@ -48,8 +48,8 @@ def finetune_test_scores(model_path, *, fs, prepared_dir, expected: dict, device
     """
     import torch
 
-    from pipeline.datasets import read_prepared
-    from pipeline.finetune import load_finetuned, logits_for_rows, transform_of
+    from pipeline.data.manifest import read_prepared
+    from pipeline.finetune.train import load_finetuned, logits_for_rows, transform_of
 
     net, info = load_finetuned(model_path, expected)
     prepared = read_prepared(prepared_dir)
@@ -80,12 +80,12 @@ def run_evaluate(
     from pathlib import Path
 
     from pipeline.errors import PipelineError
-    from pipeline.features import CHECKED_ATTRS, read_features
+    from pipeline.extract.local import CHECKED_ATTRS, read_features
     from pipeline.fileio import write_csv, write_json
-    from pipeline.heads import HEADS, load_head, scores
+    from pipeline.heads.batch import HEADS, load_head, scores
 
     if out_of_core:  # features stay on disk, read chunk_rows rows at a time
-        from pipeline.out_of_core import open_features
+        from pipeline.heads.streaming import open_features
 
         fs = open_features(features_file, chunk_rows=chunk_rows)
         y = fs.labels_of("test")

@@ -2,7 +2,7 @@
 
 from pipeline.cli import run_stage
 from pipeline.evaluate import run_evaluate
-from pipeline.features import features_path
+from pipeline.extract.local import features_path
 from pipeline.params import load_params
 
 

@@ -1,7 +1,7 @@
 """Stage extract: every image once through the frozen backbone, into HDF5."""
 
 from pipeline.cli import run_stage
-from pipeline.features import run_extract
+from pipeline.extract.local import run_extract
 from pipeline.params import load_params
 
 

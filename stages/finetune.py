@@ -1,7 +1,7 @@
 """Stage finetune: the backbone plus the logreg head as one network, fine-tuned on the photos."""
 
 from pipeline.cli import run_stage
-from pipeline.finetune import run_finetune
+from pipeline.finetune.train import run_finetune
 from pipeline.params import load_params
 
 

@@ -1,7 +1,7 @@
 """Stage prepare: list the dataset's usable images, their labels and split."""
 
 from pipeline.cli import run_stage
-from pipeline.datasets import prepare
+from pipeline.data.sources import prepare
 from pipeline.params import load_params
 
 

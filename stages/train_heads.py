@@ -3,8 +3,8 @@
 import sys
 
 from pipeline.cli import run_stage
-from pipeline.features import features_path
-from pipeline.heads import HEADS, check_head, train_head
+from pipeline.extract.local import features_path
+from pipeline.heads.batch import HEADS, check_head, train_head
 from pipeline.params import load_params
 
 

@@ -1,9 +1,9 @@
 """Stage visualize: ideal class images, adversarial examples and feature maps of the trained model."""
 
 from pipeline.cli import run_stage
-from pipeline.features import features_path
+from pipeline.extract.local import features_path
 from pipeline.params import load_params
-from pipeline.visualize import run_visualize
+from pipeline.visualize.stage import run_visualize
 
 
 def main():

@@ -22,7 +22,8 @@ from helpers_images import (
     write,
 )
 
-from pipeline.datasets import MANIFEST_HEADER, prepare, read_prepared
+from pipeline.data.manifest import MANIFEST_HEADER, read_prepared
+from pipeline.data.sources import prepare
 from pipeline.errors import PipelineError
 
 

@@ -15,7 +15,7 @@ from PIL import Image
 
 from pipeline.backbones import load_backbone
 from pipeline.errors import PipelineError
-from pipeline.features import extract_features
+from pipeline.extract.local import extract_features
 from pipeline.fileio import write_json
 
 pytestmark = pytest.mark.faults

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from helpers_images import closed_port_url, http_server, make_tar, make_zip, md5, sha256
 
-import pipeline.download as download_module
-from pipeline.download import download, safe_extract
+import pipeline.data.download as download_module
+from pipeline.data.download import download, safe_extract
 from pipeline.errors import PipelineError
 
 PAYLOAD = bytes(range(256)) * 400

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from pipeline.backbones import load_backbone
-from pipeline.features import extract_features
+from pipeline.extract.local import extract_features
 
 pytestmark = pytest.mark.sample_data
 
@@ -113,7 +113,7 @@ MEMORY_SCRIPT = textwrap.dedent(
     import hashlib, json, resource, sys
     from pathlib import Path
     from pipeline.backbones import load_backbone
-    from pipeline.features import extract_features
+    from pipeline.extract.local import extract_features
     folder = Path(sys.argv[1])
     rows = []
     for label, cls in enumerate(["cat", "dog"]):

@@ -2,7 +2,7 @@
 
 Three levels, each with exact expectations:
 
-* :func:`pipeline.images.load_rgb` on each odd or broken file: good ones give
+* :func:`pipeline.data.images.load_rgb` on each odd or broken file: good ones give
   upright RGB of the right size and colours, bad ones a :class:`BadImage`
   with a specific reason, the same whether decoded from the path, from bytes
   (as extract does) or at draft scale (as prepare does);
@@ -32,10 +32,10 @@ import pytest
 from helpers_images import image_bytes, truncated_jpeg
 from PIL import Image, PngImagePlugin
 
-import pipeline.images as images
-from pipeline.datasets import CHECK_SIZE, prepare
+import pipeline.data.images as images
+from pipeline.data.sources import CHECK_SIZE, prepare
 from pipeline.errors import BadImage
-from pipeline.images import load_rgb
+from pipeline.data.images import load_rgb
 
 # "faults" is registered in pyproject.toml; on a checkout where it is not yet,
 # pytest only warns about an unknown marker.

@@ -13,8 +13,8 @@ from PIL import Image
 
 from pipeline.backbones import load_backbone
 from pipeline.errors import PipelineError
-from pipeline.features import extract_features, read_features
-from pipeline.heads import load_head, make_head, save_head, scores
+from pipeline.extract.local import extract_features, read_features
+from pipeline.heads.batch import load_head, make_head, save_head, scores
 from pipeline.params import load_params
 
 
@@ -53,7 +53,7 @@ def test_extract_writes_schema_skips_corrupt_and_matches_direct_forward(tmp_path
         assert h5.attrs["weights"] == "none"
         first = h5["features"][0]
     # The cached row equals a direct forward pass of the same image.
-    from pipeline.images import load_rgb
+    from pipeline.data.images import load_rgb
 
     with torch.no_grad():
         direct = bb.features(bb.transform(load_rgb(root / rows[0][0]))[None])[0].numpy()
@@ -140,7 +140,7 @@ def test_unknown_params_key_is_named(tmp_path):
 @pytest.mark.parametrize("n_classes", [2, 3])
 @pytest.mark.parametrize("name", ["logreg", "svm"])
 def test_head_folds_into_one_torch_linear(name, n_classes):
-    from pipeline.heads import to_torch_linear
+    from pipeline.heads.batch import to_torch_linear
 
     rng = np.random.default_rng(1)
     X = rng.normal(3, 5, (40 * n_classes, 6)) + np.repeat(np.arange(n_classes), 40)[:, None] * 2

@@ -12,7 +12,7 @@ from torch import nn
 
 from pipeline.backbones import REGISTRY, TransformSpec, load_backbone
 from pipeline.errors import PipelineError
-from pipeline.finetune import (
+from pipeline.finetune.train import (
     LAST_STAGE,
     FineTuneNet,
     build_network,
@@ -23,8 +23,8 @@ from pipeline.finetune import (
     split_validation,
     unfreeze_modules,
 )
-from pipeline.heads import make_head
-from pipeline.images import load_rgb
+from pipeline.heads.batch import make_head
+from pipeline.data.images import load_rgb
 
 # --------------------------------------------------------------- small helpers
 

@@ -9,12 +9,13 @@ import torch
 
 from conftest import sample_folder
 from pipeline.backbones import load_backbone
-from pipeline.datasets import prepare, read_prepared
+from pipeline.data.manifest import read_prepared
+from pipeline.data.sources import prepare
 from pipeline.errors import PipelineError
 from pipeline.evaluate import head_metrics
-from pipeline.features import CHECKED_ATTRS, extract_features, read_features
-from pipeline.heads import load_head, make_head, scores, to_torch_linear
-from pipeline.out_of_core import fit_out_of_core, open_features, train_head_out_of_core
+from pipeline.extract.local import CHECKED_ATTRS, extract_features, read_features
+from pipeline.heads.batch import load_head, make_head, scores, to_torch_linear
+from pipeline.heads.streaming import fit_out_of_core, open_features, train_head_out_of_core
 
 LOGREG_C = [0.01, 0.1, 1.0]  # the default grid of params.yaml
 CHUNK = 16  # rows per read: 192 train rows -> a dozen chunks and more

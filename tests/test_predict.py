@@ -17,9 +17,9 @@ from helpers_images import truncated_jpeg, write
 
 from pipeline.__main__ import main
 from pipeline.backbones import load_backbone
-from pipeline.finetune import build_network, save_finetuned
-from pipeline.heads import make_head, save_head
-from pipeline.images import load_rgb
+from pipeline.finetune.train import build_network, save_finetuned
+from pipeline.heads.batch import make_head, save_head
+from pipeline.data.images import load_rgb
 
 pytestmark = pytest.mark.sample_data
 

@@ -16,13 +16,14 @@ pytest.importorskip(
 
 from conftest import sample_folder  # noqa: E402
 from pipeline.backbones import load_backbone  # noqa: E402
-from pipeline.datasets import prepare, read_prepared  # noqa: E402
+from pipeline.data.manifest import read_prepared
+from pipeline.data.sources import prepare  # noqa: E402
 from pipeline.errors import PipelineError  # noqa: E402
 from pipeline.evaluate import head_metrics  # noqa: E402
-from pipeline.features import extract_features, read_features  # noqa: E402
-from pipeline.heads import make_head, scores  # noqa: E402
-from pipeline.out_of_core import open_features  # noqa: E402
-from pipeline.ray_engine import DATASETS, extract_with_ray, shards_dir  # noqa: E402
+from pipeline.extract.local import extract_features, read_features  # noqa: E402
+from pipeline.heads.batch import make_head, scores  # noqa: E402
+from pipeline.heads.streaming import open_features  # noqa: E402
+from pipeline.extract.ray_executor import DATASETS, extract_with_ray, shards_dir  # noqa: E402
 
 BACKBONE = "efficientnet_lite0"
 

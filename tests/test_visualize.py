@@ -17,11 +17,11 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import optvis
+from pipeline.visualize.stage import optvis
 from pipeline.backbones import load_backbone
 from pipeline.errors import PipelineError
-from pipeline.images import load_rgb
-from pipeline.visualize import (
+from pipeline.data.images import load_rgb
+from pipeline.visualize.stage import (
     DEFAULTS,
     _settings,
     head_model,
@@ -53,10 +53,10 @@ def cd_project(catsdogs, tmp_path_factory, lite0):
     """A prepared, extracted, trained project on 40 cats + 40 dogs (built once)."""
     if "project" in _CACHE:
         return _CACHE["project"]
-    from pipeline.datasets import prepare
-    from pipeline.features import extract_features
-    from pipeline.datasets import read_prepared
-    from pipeline.heads import train_head
+    from pipeline.data.sources import prepare
+    from pipeline.extract.local import extract_features
+    from pipeline.data.manifest import read_prepared
+    from pipeline.heads.batch import train_head
 
     root = tmp_path_factory.mktemp("vis_project")
     for cls in ("cat", "dog"):
@@ -191,7 +191,7 @@ def test_settings_are_checked():
 @pytest.mark.parametrize("n_classes", [2, 3])
 @pytest.mark.parametrize("name", ["logreg", "svm"])
 def test_head_model_logits_match_sklearn(name, n_classes):
-    from pipeline.heads import make_head
+    from pipeline.heads.batch import make_head
 
     rng = np.random.default_rng(1)
     X = rng.normal(3, 5, (30 * n_classes, 6)) + np.repeat(np.arange(n_classes), 30)[:, None] * 2
@@ -216,9 +216,9 @@ def test_head_model_logits_match_sklearn(name, n_classes):
 
 @pytest.mark.sample_data
 def test_head_model_on_pixels_matches_sklearn_on_cached_features(cd_project, lite0):
-    from pipeline.datasets import read_prepared
-    from pipeline.features import read_features
-    from pipeline.heads import load_head
+    from pipeline.data.manifest import read_prepared
+    from pipeline.extract.local import read_features
+    from pipeline.heads.batch import load_head
 
     fs = read_features(cd_project / "data/features" / f"{BACKBONE}.h5")
     est = load_head(cd_project / "models/logreg.joblib")["estimator"]
@@ -263,7 +263,7 @@ def test_ideal_imagenet_cat_is_confident_and_tv_penalty_smooths_it(lite0):
 
 @pytest.mark.sample_data
 def test_pgd_turns_dogs_into_cats(cd_project, catsdogs, lite0):
-    from pipeline.heads import load_head
+    from pipeline.heads.batch import load_head
 
     est = load_head(cd_project / "models/logreg.joblib")["estimator"]
     model = head_model(lite0, est)
@@ -339,8 +339,8 @@ def test_stage_writes_images_and_reports(cd_project, tmp_path):
 
 @pytest.mark.sample_data
 def test_stage_refuses_a_head_of_another_backbone(cd_project, tmp_path):
-    from pipeline.features import read_features
-    from pipeline.heads import make_head, save_head
+    from pipeline.extract.local import read_features
+    from pipeline.heads.batch import make_head, save_head
 
     root = tmp_path / "proj"
     shutil.copytree(cd_project, root)

@@ -2,7 +2,7 @@
 
 Three views of the backbone + head, composed into one differentiable torch
 model (:func:`head_model`: the scaler and linear head fold into one
-``nn.Linear``), all built from the parts in :mod:`pipeline.optvis`:
+``nn.Linear``), all built from the parts in :mod:`pipeline.visualize.optvis`:
 
 * **ideal class images**: an image optimised to maximise a class's logit, under
   random jitter, scaling and rotation, with a total-variation and an L2 penalty
@@ -47,11 +47,11 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from pipeline import optvis
+from pipeline.visualize import optvis
 from pipeline.backbones import Backbone, TransformSpec, load_backbone
 from pipeline.errors import BadImage, PipelineError
 from pipeline.fileio import atomic_path, write_csv, write_json
-from pipeline.images import load_rgb
+from pipeline.data.images import load_rgb
 from pipeline.params import DEFAULTS as PARAMS_DEFAULTS
 
 #: The ``visualize`` section of params.yaml and its defaults.
@@ -92,7 +92,7 @@ def head_model(bb: Backbone, estimator) -> optvis.ImageClassifier:
     are centred to ``(-z/2, z/2)``: same softmax and prediction, but the first
     class's logit is no longer a constant, so its ideal image can be optimised.
     """
-    from pipeline.heads import to_torch_linear
+    from pipeline.heads.batch import to_torch_linear
 
     linear = to_torch_linear(estimator)
     s = bb.transform_spec
@@ -137,8 +137,8 @@ def ideal_images(
         model: pixels in [0, 1] -> logits (:func:`head_model`, :func:`imagenet_model`).
         targets: class indices of ``model``'s output.
         size: the images' side in pixels (the backbone's crop).
-        param: ``fourier`` or ``pixel`` (:data:`pipeline.optvis.PARAMETERISATIONS`).
-        transforms: the robustness transforms; default :func:`pipeline.optvis.standard_transforms`.
+        param: ``fourier`` or ``pixel`` (:data:`pipeline.visualize.optvis.PARAMETERISATIONS`).
+        transforms: the robustness transforms; default :func:`pipeline.visualize.optvis.standard_transforms`.
 
     Returns:
         (len(targets), 3, size, size) in [0, 1], on the CPU. Deterministic given
@@ -471,9 +471,9 @@ def run_visualize(*, prepared_dir, features_file, models_dir, backbone: str, wei
             backbone, weights, transform or class list), a class that the head
             does not have, or a bad setting.
     """
-    from pipeline.datasets import read_prepared
-    from pipeline.features import read_features, resolve_device
-    from pipeline.heads import check_head, load_head
+    from pipeline.data.manifest import read_prepared
+    from pipeline.extract.local import read_features, resolve_device
+    from pipeline.heads.batch import check_head, load_head
 
     s = _settings(settings)
     out_dir = Path(out_dir)

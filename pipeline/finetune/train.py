@@ -36,9 +36,9 @@ from torch import nn
 
 from pipeline.backbones import TransformSpec, get_spec
 from pipeline.errors import BadImage, PipelineError
-from pipeline.features import check_provenance, read_checked, resolve_device
+from pipeline.extract.local import check_provenance, read_checked, resolve_device
 from pipeline.fileio import atomic_path, read_json, write_json
-from pipeline.images import load_rgb
+from pipeline.data.images import load_rgb
 from pipeline.params import DEFAULTS
 
 #: The ``finetune`` section of params.yaml and its defaults.
@@ -70,7 +70,7 @@ class FineTuneNet(nn.Module):
 
 def build_network(features: nn.Module, head_estimator) -> FineTuneNet:
     """Backbone features + a linear layer equal to the fitted scaler + logreg head."""
-    from pipeline.heads import to_torch_linear
+    from pipeline.heads.batch import to_torch_linear
 
     return FineTuneNet(features, to_torch_linear(head_estimator))
 
@@ -590,8 +590,8 @@ def run_finetune(*, prepared_dir, head_path, out_path, live_dir, backbone: str, 
     from dvclive import Live
 
     from pipeline.backbones import load_backbone
-    from pipeline.datasets import read_prepared
-    from pipeline.heads import load_head
+    from pipeline.data.manifest import read_prepared
+    from pipeline.heads.batch import load_head
 
     p = {**FINETUNE_DEFAULTS, **params}
     _check(p)

@@ -23,7 +23,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 
 from pipeline.errors import PipelineError
-from pipeline.features import check_provenance
+from pipeline.extract.local import check_provenance
 from pipeline.fileio import atomic_path
 
 
@@ -126,12 +126,12 @@ def train_head(
     Returns:
         ``{"best_C", "cv_accuracy", "n_train"}``, also written to ``report_path``.
     """
-    from pipeline.features import CHECKED_ATTRS, read_features
+    from pipeline.extract.local import CHECKED_ATTRS, read_features
     from pipeline.fileio import write_json
 
     check_head(name)
     if out_of_core:  # features larger than memory: SGD over HDF5 chunks (max_iter, cv_folds unused)
-        from pipeline.out_of_core import train_head_out_of_core
+        from pipeline.heads.streaming import train_head_out_of_core
 
         return train_head_out_of_core(name=name, features_file=features_file, models_dir=models_dir, C=C,
                                       epochs=epochs, chunk_rows=chunk_rows, seed=seed, report_path=report_path)

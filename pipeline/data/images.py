@@ -7,6 +7,7 @@ or rejected everywhere, with the same reason.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 from pathlib import Path
@@ -189,3 +190,40 @@ def load_rgb(
         # then escapes as struct.error, IndexError, KeyError, ...: a property
         # of the file, which must not stop a run over thousands of them.
         raise BadImage(path, f"corrupt image ({type(e).__name__}: {e})") from None
+
+
+def read_checked(root: str | os.PathLike, row) -> tuple[bytes | None, str | None]:
+    """A row's file bytes, checked against its recorded content hash.
+
+    Every reader of dataset images (extraction with either decoder,
+    fine-tuning, evaluation, visualisation) comes through here, so a file that
+    changed since the prepare stage listed it is refused everywhere alike.
+    A row without a hash (``row.sha256 == ""``: a user's new photo in
+    ``predict``) is read unchecked.
+
+    Returns:
+        ``(data, None)``, or ``(None, reason)`` when the file cannot be used.
+    """
+    try:
+        data = (Path(root) / row.path).read_bytes()
+    except OSError as e:
+        return None, f"cannot read file ({e.strerror or e})"
+    if row.sha256 and hashlib.sha256(data).hexdigest() != row.sha256:
+        return None, "file changed since the prepare stage listed it; run dvc repro again"
+    return data, None
+
+
+def decode_checked(root: str | os.PathLike, row, transform=None, draft_size=None):
+    """Read, check and decode one row: ``(image, None)`` or ``(None, reason)``.
+
+    ``transform`` (a :class:`~pipeline.data.transform.TransformSpec` callable)
+    is applied to the upright RGB picture when given.
+    """
+    data, why = read_checked(root, row)
+    if why:
+        return None, why
+    try:
+        image = load_rgb(Path(root) / row.path, data=data, draft_size=draft_size)
+    except BadImage as e:
+        return None, e.reason
+    return (transform(image) if transform is not None else image), None

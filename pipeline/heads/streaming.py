@@ -52,8 +52,8 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
 from pipeline.errors import PipelineError
-from pipeline.features import CHECKED_ATTRS, check_provenance
-from pipeline.ray_engine import check_shards
+from pipeline.extract.local import CHECKED_ATTRS, check_provenance
+from pipeline.extract.ray_executor import check_shards
 
 #: head name -> SGDClassifier loss: the out-of-core counterparts of the in-memory heads.
 LOSSES = {"logreg": "log_loss", "svm": "hinge"}
@@ -63,7 +63,7 @@ LOSSES = {"logreg": "log_loss", "svm": "hinge"}
 
 
 class StreamedFeatures:
-    """A feature cache opened for chunked reading: like :class:`~pipeline.features.FeatureSet`
+    """A feature cache opened for chunked reading: like :class:`~pipeline.extract.local.FeatureSet`
     without the ``features`` array.
 
     ``labels``, ``splits`` and ``paths`` (one entry per row) are read on first
@@ -161,7 +161,7 @@ class StreamedFeatures:
             ``(y_true, y_pred, scores)``, what :func:`~pipeline.evaluate.head_metrics`
             takes; scores as by :func:`~pipeline.heads.scores`.
         """
-        from pipeline.heads import scores
+        from pipeline.heads.batch import scores
 
         ys, preds, ss = [], [], []
         for X, y in self.chunks(split):
@@ -176,7 +176,7 @@ class StreamedFeatures:
 def open_features(path: str | Path, expected: dict | None = None, chunk_rows: int = 65536) -> StreamedFeatures:
     """Open a feature cache for streaming, refusing one that does not match ``expected``.
 
-    The out-of-core counterpart of :func:`~pipeline.features.read_features`:
+    The out-of-core counterpart of :func:`~pipeline.extract.local.read_features`:
     same checks, nothing loaded yet.
     """
     fs = StreamedFeatures(path, chunk_rows)
@@ -291,7 +291,7 @@ def fit_out_of_core(
     Raises:
         PipelineError: bad settings, no train rows, a class without train rows.
     """
-    from pipeline.heads import check_head
+    from pipeline.heads.batch import check_head
 
     check_head(name)
     if name not in LOSSES:
@@ -375,7 +375,7 @@ def train_head_out_of_core(
         ``report_path``.
     """
     from pipeline.fileio import write_json
-    from pipeline.heads import save_head
+    from pipeline.heads.batch import save_head
 
     search = fit_out_of_core(features_file, name=name, C=C, epochs=epochs, chunk_rows=chunk_rows, seed=seed)
     fs = open_features(features_file, chunk_rows=chunk_rows)

@@ -47,7 +47,7 @@ from tqdm import tqdm
 from pipeline.backbones import Backbone
 from pipeline.errors import BadImage, PipelineError
 from pipeline.fileio import atomic_path, remove_stale_temporaries
-from pipeline.images import load_rgb
+from pipeline.data.images import load_rgb
 
 CHECKED_ATTRS = ("backbone", "weights", "weights_sha256", "transform")
 
@@ -608,7 +608,7 @@ def read_features(path: str | Path, expected: dict | None = None) -> FeatureSet:
     Raises:
         PipelineError: missing or unreadable file, or stale provenance.
     """
-    from pipeline.ray_engine import check_shards
+    from pipeline.extract.ray_executor import check_shards
 
     path = Path(path)
     if not path.is_file():
@@ -656,18 +656,18 @@ def run_extract(
     """The ``extract`` stage: manifest in, ``<out_dir>/<backbone>.h5`` out.
 
     ``engine``: ``local`` (this machine) or ``ray`` (Ray Data actors, see
-    :mod:`pipeline.ray_engine`; ``ray`` holds ``extract.ray``: address,
+    :mod:`pipeline.extract.ray_executor`; ``ray`` holds ``extract.ray``: address,
     num_gpus_per_worker, concurrency).
     """
     from pipeline.backbones import load_backbone
-    from pipeline.datasets import read_prepared
-    from pipeline.ray_engine import reset_shards_dir
+    from pipeline.data.manifest import read_prepared
+    from pipeline.extract.ray_executor import reset_shards_dir
 
     if engine not in ("local", "ray"):
         raise PipelineError(f"unknown extract.engine '{engine}'; accepted: local, ray")
     prepared = read_prepared(prepared_dir)
     if engine == "ray":
-        from pipeline.ray_engine import extract_with_ray
+        from pipeline.extract.ray_executor import extract_with_ray
 
         r = ray or {}
         out = features_path(out_dir, backbone)

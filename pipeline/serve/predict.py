@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import BadImage, PipelineError
-from pipeline.images import IMAGE_EXTENSIONS, load_rgb
+from pipeline.data.images import IMAGE_EXTENSIONS, load_rgb
 
 MODELS = ("logreg", "svm", "finetune")
 
@@ -97,7 +97,7 @@ def load_model(project: Path, name: str, device: torch.device) -> Model:
         return _load_finetuned(project, backbone, device)
 
     from pipeline.backbones import load_backbone
-    from pipeline.heads import load_head, scores
+    from pipeline.heads.batch import load_head, scores
 
     # A relative weights path in params.yaml is relative to the project, not to
     # where predict runs; the head recorded it as params.yaml spells it.
@@ -130,7 +130,7 @@ def load_model(project: Path, name: str, device: torch.device) -> Model:
 
 
 def _load_finetuned(project: Path, backbone: str, device: torch.device) -> Model:
-    from pipeline.finetune import load_finetuned, transform_of
+    from pipeline.finetune.train import load_finetuned, transform_of
 
     path = project / "models" / "finetune.pt"
     net, info = load_finetuned(path)
@@ -198,7 +198,7 @@ def run_predict(
     Raises:
         PipelineError: after printing everything else, if any file failed.
     """
-    from pipeline.features import resolve_device
+    from pipeline.extract.local import resolve_device
 
     if device not in ("auto", "cpu", "cuda") and not str(device).startswith("cuda:"):
         raise PipelineError(f"unknown --device '{device}'; accepted: auto, cpu, cuda, cuda:N")

@@ -1,6 +1,6 @@
 """Extraction on a Ray cluster (``extract.engine: ray``).
 
-The same decode + model code as the local engine (:mod:`pipeline.features`)
+The same decode + model code as the local engine (:mod:`pipeline.extract.local`)
 runs inside Ray Data actors: each actor builds the backbone once with
 :func:`~pipeline.backbones.load_backbone` and decodes with the local engine's
 own batch decoders, so a feature row does not depend on the engine.
@@ -11,11 +11,11 @@ Layout of what it writes beside ``data/features/<backbone>.h5``::
     data/features/<backbone>.shards/shard-store.h5      rows reused from the per-image store
     data/features/<backbone>.h5                         master: HDF5 virtual datasets
 
-Every shard has the schema of :mod:`pipeline.features` (``features``,
+Every shard has the schema of :mod:`pipeline.extract.local` (``features``,
 ``labels``, ``paths``, ``splits``, ``sha256`` and the same attributes) for its
 own rows. The master's five datasets are *virtual* datasets that map each
 manifest row, in manifest order, onto its row in a shard, so
-:func:`~pipeline.features.read_features` and the heads read it unchanged. The
+:func:`~pipeline.extract.local.read_features` and the heads read it unchanged. The
 mapping names the shards by paths relative to the master (HDF5 resolves them
 against the master's folder), so ``data/features`` can be moved or restored
 from a DVC cache as a whole. A shard that goes missing reads as NaN features
@@ -34,7 +34,7 @@ that is renamed into place together with the master (itself written to a
 temporary file and renamed).
 
 Example:
-    >>> from pipeline.datasets import read_prepared                 # doctest: +SKIP
+    >>> from pipeline.data.sources import read_prepared                 # doctest: +SKIP
     >>> p = read_prepared("data/prepared")                          # doctest: +SKIP
     >>> extract_with_ray(backbone_name="efficientnet_lite0", weights="DEFAULT",
     ...                  root=p.root, rows=p.rows, classes=p.classes,
@@ -58,7 +58,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.errors import PipelineError
-from pipeline.features import (
+from pipeline.extract.local import (
     COMPILE_MIN_IMAGES_CPU,
     ExtractResult,
     FeatureStore,
@@ -394,7 +394,7 @@ def extract_with_ray(
         decoder: as the local engine's ``extract.decoder``; ``auto`` resolves
             for the actors' device (torchvision on GPU actors, pillow on CPU).
         compile: ``auto`` compiles on GPU actors, or on CPU when each actor gets
-            at least :data:`~pipeline.features.COMPILE_MIN_IMAGES_CPU` images.
+            at least :data:`~pipeline.extract.local.COMPILE_MIN_IMAGES_CPU` images.
         store_dir: the per-image store shared with the local engine: rows it
             already holds are not computed again, computed rows are added to it.
         rows_per_task: rows per Ray task (default: a few model batches, small

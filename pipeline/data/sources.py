@@ -19,33 +19,30 @@ archive, the Oxford-IIIT Pet archives) ends in the same four files in
     (their number), and ``archive_sha256`` for cats-vs-dogs. Written last: it
     is present only when the other three are complete.
 
-Every image is checked with :func:`pipeline.images.load_rgb`, the same decoder
+Every image is checked with :func:`pipeline.data.images.load_rgb`, the same decoder
 feature extraction uses, so a file that passes here decodes there. Nothing in
 the user's folders is ever written, moved or deleted.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import numbers
 import os
 import re
 import urllib.parse
-import zlib
-from collections import Counter, defaultdict
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
-import numpy as np
 from tqdm import tqdm
 
-from pipeline.download import download, file_digest, safe_extract
+from pipeline.data.download import download, file_digest, safe_extract
+from pipeline.data.images import IMAGE_EXTENSIONS, load_rgb
+from pipeline.data.manifest import MANIFEST_HEADER, stratified_holdout
 from pipeline.errors import BadImage, PipelineError
 from pipeline.fileio import write_csv, write_json
-from pipeline.images import IMAGE_EXTENSIONS, load_rgb
 
 SOURCES = ("cats-vs-dogs", "folder", "oxford-iiit-pet")
 
@@ -58,7 +55,6 @@ OXFORD_MD5 = MappingProxyType({
 CATSDOGS_URL = ("https://download.microsoft.com/download/3/E/1/"
                 "3E1C3F21-ECDB-4869-8368-6DEBA77B919F/kagglecatsanddogs_5340.zip")
 
-MANIFEST_HEADER = ["path", "label", "split", "sha256"]
 #: Images are checked at this size: JPEGs then decode at a reduced scale, which
 #: still finds truncated and corrupt files, several times faster.
 CHECK_SIZE = (224, 224)
@@ -66,21 +62,6 @@ CHECK_SIZE = (224, 224)
 MIN_IMAGES_PER_CLASS = 2
 
 _LAYOUT = "expected <class>/<image>"
-
-
-@dataclass(frozen=True)
-class Prepared:
-    """The prepare stage's output, read back and checked.
-
-    Attributes:
-        root: the dataset root that manifest paths are relative to.
-        classes: class names; a label index points into this list.
-        rows: ``(path, label_index, split, sha256)`` in manifest order.
-    """
-
-    root: Path
-    classes: list[str]
-    rows: list[tuple[str, int, str, str]]
 
 
 @dataclass
@@ -176,58 +157,6 @@ def prepare(*, source: str, out_dir, folder=None, download_dir="data/raw", test_
         print(f"prepare: {_plural(len(listing.rejected), 'file')} rejected; reasons in "
               f"{out_dir / 'rejected.json'}", flush=True)
     return info
-
-
-def read_prepared(out_dir) -> Prepared:
-    """Read and cross-check what :func:`prepare` wrote to ``out_dir``.
-
-    Raises:
-        PipelineError: a file is missing (run the prepare stage first) or the
-            files disagree with each other.
-
-    Example:
-        >>> p = read_prepared("data/prepared")  # doctest: +SKIP
-        >>> path, label, split, sha256 = p.rows[0]  # doctest: +SKIP
-    """
-    out_dir = Path(out_dir)
-    again = "run the prepare stage again (dvc repro prepare)"
-    for name in ("dataset.json", "classes.json", "manifest.csv"):
-        if not (out_dir / name).is_file():
-            raise PipelineError(f"{out_dir / name} not found; run the prepare stage first "
-                                f"(dvc repro prepare)")
-    try:
-        info = json.loads((out_dir / "dataset.json").read_text(encoding="utf-8"))
-        classes = json.loads((out_dir / "classes.json").read_text(encoding="utf-8"))
-        root = Path(info["root"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise PipelineError(f"{out_dir} holds a damaged dataset.json or classes.json ({e}); "
-                            f"{again}") from None
-    if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)
-            and len(set(classes)) == len(classes)):
-        raise PipelineError(f"{out_dir / 'classes.json'}: expected a list of distinct class "
-                            f"names; {again}")
-    index = {name: i for i, name in enumerate(classes)}
-    manifest = out_dir / "manifest.csv"
-    rows = []
-    with open(manifest, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header != MANIFEST_HEADER:
-            raise PipelineError(f"{manifest}: expected the header {','.join(MANIFEST_HEADER)}, "
-                                f"found {','.join(header or [])}; {again}")
-        for line, row in enumerate(reader, start=2):
-            if len(row) != len(MANIFEST_HEADER):
-                raise PipelineError(f"{manifest}:{line}: expected {len(MANIFEST_HEADER)} "
-                                    f"fields, found {len(row)}; {again}")
-            path, label, split, sha256 = row
-            if label not in index:
-                raise PipelineError(f"{manifest}:{line}: label '{label}' is not in "
-                                    f"classes.json; {again}")
-            if split not in ("train", "test"):
-                raise PipelineError(f"{manifest}:{line}: split must be train or test, "
-                                    f"found '{split}'; {again}")
-            rows.append((path, index[label], split, sha256))
-    return Prepared(root=root, classes=classes, rows=rows)
 
 
 # --------------------------------------------------------------------------- parameters
@@ -543,26 +472,10 @@ def _require_images_per_class(listing: _Listing, usable, shown: str, out_dir: Pa
 
 
 def _stratified_split(usable, test_fraction: float, seed: int):
-    """Hold out ``test_fraction`` of each class, at least 1 image, never all of them.
-
-    Each class is shuffled by its own generator, seeded by the seed and the
-    class name, from its paths in sorted order: the split does not depend on
-    the order the file system lists files in, and adding images to one class
-    leaves the split of the others as it was.
-    """
-    by_class = defaultdict(list)
-    for row in usable:
-        by_class[row[1]].append(row)
-    out = []
-    for label, rows in sorted(by_class.items()):
-        rows.sort()
-        n = len(rows)
-        n_test = min(n - 1, max(1, int(n * test_fraction + 0.5)))
-        rng = np.random.default_rng([seed, zlib.crc32(label.encode("utf-8"))])
-        test = set(rng.permutation(n)[:n_test].tolist())
-        out += [(path, label, "test" if i in test else "train", sha256)
-                for i, (path, label, _, sha256) in enumerate(rows)]
-    return out
+    """Hold out ``test_fraction`` of each class as the test split (see :func:`stratified_holdout`)."""
+    test = stratified_holdout([r[0] for r in usable], [r[1] for r in usable], test_fraction, seed)
+    return [(path, label, "test" if t else "train", sha256)
+            for (path, label, _, sha256), t in zip(usable, test)]
 
 
 # --------------------------------------------------------------------------- writing
