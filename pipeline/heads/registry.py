@@ -3,14 +3,21 @@
 Each entry gives the in-memory estimator (fitted on the whole train split,
 C chosen by cross-validation), the loss of its streaming counterpart
 (``heads.out_of_core``), and the defaults of its ``heads.<name>`` params
-section. ``dvc.yaml``'s ``foreach`` lists the same names (a test checks).
+section. Everything else derives its list of heads from :data:`HEADS`:
+the ``train_heads`` stage, ``pipeline.config``, ``predict --model`` and
+``dvc.yaml``'s ``foreach`` (a test checks the last).
+
+To add a head: one entry here, its ``heads.<name>`` section in params.yaml,
+and its name in ``dvc.yaml``'s ``foreach``.
 """
 
 from __future__ import annotations
 
+import numbers
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
+import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.svm import LinearSVC
 
@@ -42,3 +49,20 @@ def check_head(name: str) -> str:
     if name not in HEADS:
         raise PipelineError(f"unknown head '{name}'; accepted: {', '.join(HEADS)}")
     return name
+
+
+def check_grid(name: str, C) -> list:
+    """``heads.<name>.C`` as a list of candidates: a positive number or a non-empty list of them."""
+    grid = [C] if np.isscalar(C) else list(C)
+    if not grid or not all(isinstance(c, numbers.Real) and not isinstance(c, bool) and c > 0 for c in grid):
+        raise PipelineError(f"heads.{name}.C must be a positive number or a list of them, found {C!r}")
+    return grid
+
+
+def check_train_labels(y: np.ndarray, classes: list[str], source) -> None:
+    """Refuse to fit a head on no train rows, or with a class that has none."""
+    if len(y) == 0:
+        raise PipelineError(f"{source} has no train rows; check the prepare stage's split")
+    missing = sorted(set(range(len(classes))) - set(np.unique(y).tolist()))
+    if missing:
+        raise PipelineError(f"classes without training images in {source}: {[classes[i] for i in missing]}")
