@@ -1,32 +1,32 @@
-"""Stage train_heads@<head>: one scikit-learn head on the cached features."""
+"""Stage train_heads@<head>: one head on the cached features (``python -m stages.train_heads logreg``)."""
 
 import sys
 
 from pipeline.cli import run_stage
-from pipeline.extract.local import features_path
-from pipeline.heads.batch import HEADS, check_head, train_head
-from pipeline.params import load_params
+from pipeline.config import load_config
+from pipeline.extract.cache import features_path
+from pipeline.heads.registry import HEADS, check_head
+from pipeline.heads.train import train_head
 
 
 def main():
     if len(sys.argv) != 2:
         raise SystemExit(f"usage: python -m stages.train_heads HEAD  (HEAD: {' | '.join(HEADS)})")
     name = check_head(sys.argv[1])
-    p = load_params()
-    h = p["heads"]
-
+    cfg = load_config()
+    heads, head = cfg.heads, cfg.heads.head(name)
     train_head(
         name=name,
-        features_file=features_path("data/features", p["backbone"]["name"]),
+        features_file=features_path("data/features", cfg.backbone.name),
         models_dir="models",
-        C=h[name]["C"],
-        max_iter=h[name]["max_iter"],
-        cv_folds=h["cv_folds"],
-        seed=h["seed"],
+        C=list(head.C),
+        max_iter=head.max_iter,
+        cv_folds=heads.cv_folds,
+        seed=heads.seed,
         report_path=f"reports/cv_{name}.json",
-        out_of_core=h["out_of_core"],
-        chunk_rows=h["chunk_rows"],
-        epochs=h["epochs"],
+        out_of_core=heads.out_of_core,
+        chunk_rows=heads.chunk_rows,
+        epochs=heads.epochs,
     )
 
 
