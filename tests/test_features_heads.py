@@ -4,18 +4,31 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
+from sklearn.base import clone
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold, cross_val_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.svm import LinearSVC
 
 from pipeline.backbones import load_backbone
+from pipeline.config import load_config
+from pipeline.data.images import load_rgb
+from pipeline.data.manifest import Row
 from pipeline.errors import PipelineError
-from pipeline.extract.local import extract_features, read_features
-from pipeline.heads.batch import load_head, make_head, save_head, scores
-from pipeline.params import load_params
+from pipeline.extract.cache import open_cache
+from pipeline.extract.local import extract_features
+from pipeline.heads.batch import make_head
+from pipeline.heads.model import load_head, save_head, scores, to_torch_linear
+from pipeline.heads.registry import HEADS
 
 
 @pytest.fixture
@@ -31,10 +44,10 @@ def tiny_images(tmp_path):
             path = root / f"c{label}" / f"{i}.jpg"
             Image.fromarray(a).save(path)
             sha = hashlib.sha256(path.read_bytes()).hexdigest()
-            rows.append((f"c{label}/{i}.jpg", label, "test" if i < 2 else "train", sha))
+            rows.append(Row(f"c{label}/{i}.jpg", label, "test" if i < 2 else "train", sha))
     bad = root / "c0" / "bad.jpg"
     bad.write_bytes(b"\xff\xd8\xff not really a jpeg")
-    rows.append(("c0/bad.jpg", 0, "train", hashlib.sha256(bad.read_bytes()).hexdigest()))
+    rows.append(Row("c0/bad.jpg", 0, "train", hashlib.sha256(bad.read_bytes()).hexdigest()))
     return root, rows
 
 
@@ -47,16 +60,14 @@ def test_extract_writes_schema_skips_corrupt_and_matches_direct_forward(tmp_path
     assert res.skipped[0]["path"] == "c0/bad.jpg" and "image" in res.skipped[0]["reason"]
     with h5py.File(out) as h5:
         assert h5["features"].shape == (12, 512)
-        assert list(h5["paths"].asstr()[:]) == [r[0] for r in rows[:12]]
-        assert list(h5["labels"][:]) == [r[1] for r in rows[:12]]
+        assert list(h5["paths"].asstr()[:]) == [r.path for r in rows[:12]]
+        assert list(h5["labels"][:]) == [r.label for r in rows[:12]]
         assert json.loads(h5.attrs["classes"]) == ["c0", "c1"]
         assert h5.attrs["weights"] == "none"
         first = h5["features"][0]
     # The cached row equals a direct forward pass of the same image.
-    from pipeline.data.images import load_rgb
-
     with torch.no_grad():
-        direct = bb.features(bb.transform(load_rgb(root / rows[0][0]))[None])[0].numpy()
+        direct = bb.features(bb.transform(load_rgb(root / rows[0].path))[None])[0].numpy()
     np.testing.assert_allclose(first, direct, rtol=1e-4, atol=1e-5)
     assert [p.name for p in out.parent.iterdir()] == ["resnet18.h5"]  # no temporary left
 
@@ -79,44 +90,69 @@ def test_failed_extract_leaves_no_file(tmp_path, tiny_images):
 def test_changed_image_is_skipped_not_mixed_in(tmp_path, tiny_images):
     root, rows = tiny_images
     rows = rows[:12]
-    rows[3] = (rows[3][0], rows[3][1], rows[3][2], "0" * 64)  # manifest hash no longer matches
+    rows[3] = rows[3]._replace(sha256="0" * 64)  # manifest hash no longer matches
     res = extract_features(
         load_backbone("resnet18", "none"), root=root, rows=rows, classes=["c0", "c1"], out_path=tmp_path / "f.h5"
     )
     assert res.n_images == 11 and "changed since" in res.skipped[0]["reason"]
 
 
-def test_read_features_refuses_stale_cache(tmp_path, tiny_images):
+def test_open_cache_refuses_stale_cache(tmp_path, tiny_images):
     root, rows = tiny_images
     out = tmp_path / "f.h5"
     extract_features(load_backbone("resnet18", "none"), root=root, rows=rows, classes=["c0", "c1"], out_path=out)
-    fs = read_features(out, {"backbone": "resnet18", "classes": ["c0", "c1"]})
+    fs = open_cache(out, {"backbone": "resnet18", "classes": ["c0", "c1"]})
     assert fs.subset("train")[0].shape == (8, 512)
     with pytest.raises(PipelineError, match="backbone='resnet18'.*'resnet50'.*dvc repro"):
-        read_features(out, {"backbone": "resnet50"})
+        open_cache(out, {"backbone": "resnet50"})
     with pytest.raises(PipelineError, match="classes"):
-        read_features(out, {"classes": ["c0", "c1", "c2"]})
+        open_cache(out, {"classes": ["c0", "c1", "c2"]})
     with pytest.raises(PipelineError, match="not found"):
-        read_features(tmp_path / "missing.h5")
+        open_cache(tmp_path / "missing.h5")
 
 
-def test_heads_fit_predict_save_and_refuse_stale(tmp_path):
+#: The estimators as scikit-learn builds them, written here independently of the registry.
+REFERENCE = {"logreg": LogisticRegression(max_iter=2000, random_state=0), "svm": LinearSVC(max_iter=2000, random_state=0)}
+
+
+def _three_blobs():
     rng = np.random.default_rng(0)
     X = np.concatenate([rng.normal(0, 1, (30, 8)), rng.normal(2, 1, (30, 8)), rng.normal(-2, 1, (30, 8))])
-    y = np.repeat([0, 1, 2], 30)
+    return X, np.repeat([0, 1, 2], 30)
+
+
+@pytest.mark.parametrize("name", ["logreg", "svm"])
+def test_head_picks_the_C_with_the_best_cv_score_and_saves_it(tmp_path, name):
+    X, y = _three_blobs()
+    grid = [0.01, 1.0, 0.1]  # on these blobs the middle candidate is the best for both heads
+    # The mean accuracy of each C over the same folds, by scikit-learn directly.
+    folds = StratifiedKFold(3, shuffle=True, random_state=0)
+    expected = [
+        cross_val_score(make_pipeline(StandardScaler(), clone(REFERENCE[name]).set_params(C=c)), X, y, cv=folds).mean()
+        for c in grid
+    ]
+    assert len(set(expected)) == len(grid) and int(np.argmax(expected)) == 1  # the choice is not a default
+
+    search = make_head(name, C=grid, cv_folds=3, y=y).fit(X, y)
+    assert search.best_params_ == {"clf__C": grid[int(np.argmax(expected))]}
+    np.testing.assert_allclose(search.cv_results_["mean_test_score"], expected, rtol=1e-12)
+    assert search.best_estimator_.named_steps["scale"].__class__.__name__ == "StandardScaler"
+    assert (search.predict(X) == y).mean() > 0.85
+    assert scores(search.best_estimator_, X).shape == (90, 3)
+
     prov = {"backbone": "resnet18", "weights": "none", "weights_sha256": "", "transform": "t"}
-    for name in ("logreg", "svm"):
-        search = make_head(name, C=[0.01, 1.0], cv_folds=3, y=y).fit(X, y)
-        assert search.best_estimator_.named_steps["scale"].__class__.__name__ == "StandardScaler"
-        assert (search.predict(X) == y).mean() > 0.9
-        assert scores(search.best_estimator_, X).shape == (90, 3)
-        path = tmp_path / f"{name}.joblib"
-        save_head(path, search, prov, ["a", "b", "c"])
-        assert load_head(path, dict(prov, classes=["a", "b", "c"]))["best_C"] in (0.01, 1.0)
-        with pytest.raises(PipelineError, match="stale"):
-            load_head(path, {"backbone": "vgg16"})
-        with pytest.raises(PipelineError, match="stale"):
-            load_head(path, {"classes": ["a", "b"]})
+    path = tmp_path / f"{name}.joblib"
+    save_head(path, search, prov, ["a", "b", "c"])
+    bundle = load_head(path, dict(prov, classes=["a", "b", "c"]))
+    assert bundle["best_C"] == grid[int(np.argmax(expected))]
+    assert bundle["cv_accuracy"] == pytest.approx(max(expected), rel=1e-12)
+    np.testing.assert_array_equal(bundle["estimator"].predict(X), search.predict(X))
+    with pytest.raises(PipelineError, match="stale"):
+        load_head(path, {"backbone": "vgg16"})
+    with pytest.raises(PipelineError, match="stale"):
+        load_head(path, {"classes": ["a", "b"]})
+    with pytest.raises(PipelineError, match="not found; run the train_heads stage"):
+        load_head(tmp_path / "missing.joblib")
 
 
 def test_head_parameter_errors():
@@ -124,6 +160,8 @@ def test_head_parameter_errors():
         make_head("forest", C=1.0)
     with pytest.raises(PipelineError, match="heads.logreg.C"):
         make_head("logreg", C=[-1])
+    with pytest.raises(PipelineError, match="heads.svm.C"):
+        make_head("svm", C=[])
     with pytest.raises(PipelineError, match="at least 2 training images per class"):
         make_head("logreg", C=1.0, y=np.array([0, 0, 1]))
 
@@ -132,16 +170,20 @@ def test_unknown_params_key_is_named(tmp_path):
     p = tmp_path / "params.yaml"
     p.write_text("heads:\n  logreg:\n    c: [1.0]\n")
     with pytest.raises(PipelineError, match=r"unknown params key 'heads.logreg.c'.*accepted here: C, max_iter"):
-        load_params(p)
-    p.write_text("backbone:\n  name: vgg16\n")
-    assert load_params(p)["backbone"] == {"name": "vgg16", "weights": "DEFAULT"}
+        load_config(p)
+    p.write_text("heads:\n  svm:\n    C: [0.5, 2]\n")
+    cfg = load_config(p)
+    assert cfg.heads.head("svm").C == (0.5, 2.0) and cfg.heads.head("logreg").C == HEADS["logreg"].C
+
+
+def test_dvc_foreach_lists_the_registry_heads():
+    dvc = yaml.safe_load((Path(__file__).parents[1] / "dvc.yaml").read_text(encoding="utf-8"))
+    assert dvc["stages"]["train_heads"]["foreach"] == list(HEADS)
 
 
 @pytest.mark.parametrize("n_classes", [2, 3])
 @pytest.mark.parametrize("name", ["logreg", "svm"])
 def test_head_folds_into_one_torch_linear(name, n_classes):
-    from pipeline.heads.batch import to_torch_linear
-
     rng = np.random.default_rng(1)
     X = rng.normal(3, 5, (40 * n_classes, 6)) + np.repeat(np.arange(n_classes), 40)[:, None] * 2
     y = np.repeat(np.arange(n_classes), 40)
