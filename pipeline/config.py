@@ -22,9 +22,12 @@ from typing import Any
 
 import yaml
 
+from pipeline.data.sources import SOURCES, check_split_params
 from pipeline.errors import PipelineError
+from pipeline.extract.decode import DECODERS
 from pipeline.heads.registry import HEADS
 from pipeline.runtime import DEVICES, PRECISIONS
+from pipeline.visualize.optvis import PARAMETERISATIONS
 
 # ------------------------------------------------------------------- checks
 
@@ -104,9 +107,6 @@ def _section_type(f):
 
 # ------------------------------------------------------------------- sections
 
-SOURCES = ("cats-vs-dogs", "folder", "oxford-iiit-pet")
-
-
 @dataclass(frozen=True)
 class DataConfig(Section):
     source: str = "oxford-iiit-pet"  # oxford-iiit-pet | cats-vs-dogs | folder
@@ -118,12 +118,7 @@ class DataConfig(Section):
 
     def __post_init__(self):
         _choice("data", "source", self.source, SOURCES)
-        if not _is_num(self.test_fraction) or not 0 < self.test_fraction < 1:
-            raise PipelineError(f"data.test_fraction must be a number between 0 and 1 (both excluded); "
-                                f"found {self.test_fraction!r}; set e.g. 0.2 in params.yaml")
-        if not _is_int(self.seed) or self.seed < 0:
-            raise PipelineError(f"data.seed must be a non-negative integer; found {self.seed!r}; "
-                                f"set e.g. 0 in params.yaml")
+        check_split_params(self.test_fraction, self.seed)
 
 
 @dataclass(frozen=True)
@@ -155,9 +150,6 @@ class RayConfig(Section):
         if not _is_num(self.num_gpus_per_worker) or self.num_gpus_per_worker < 0:
             raise _bad("extract.ray.num_gpus_per_worker", "0 (CPU actors) or a positive number",
                        self.num_gpus_per_worker)
-
-
-DECODERS = ("auto", "pillow", "pillow-exact", "torchvision")
 
 
 @dataclass(frozen=True)
@@ -315,6 +307,8 @@ class AttackConfig(Section):
         _int(w, "steps", self.steps, lo=1)
         _int(w, "max_images", self.max_images, lo=1)
         _int(w, "save", self.save)
+        if not isinstance(self.random_start, bool):
+            raise _bad(f"{w}.random_start", "true or false", self.random_start)
         if bool(self.transfer_to) != bool(self.transfer_head):
             raise PipelineError(f"{w}.transfer_to and transfer_head go together: set both or neither")
 
@@ -348,7 +342,8 @@ class VisualizeConfig(Section):
 
     def __post_init__(self):
         w = "visualize"
-        _choice(w, "param", self.param, ("fourier", "pixel"))
+        _choice(w, "model", self.model, tuple(HEADS))
+        _choice(w, "param", self.param, tuple(PARAMETERISATIONS))
         _int(w, "steps", self.steps, lo=1)
         _num(w, "lr", self.lr)
         _num(w, "tv_weight", self.tv_weight, lo_open=False)

@@ -1,28 +1,18 @@
 """Stage extract: every image once through the frozen backbone, into HDF5."""
 
-from pipeline.cli import run_stage
-from pipeline.extract.local import run_extract
-from pipeline.params import load_params
+import time
+
+T_PROCESS = time.perf_counter()  # the wall time reported counts imports too
+
+from pipeline.cli import run_stage  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
+from pipeline.extract.stage import run_extract  # noqa: E402
 
 
 def main():
-    p = load_params()
-    e = p["extract"]
-    run_extract(
-        prepared_dir="data/prepared",
-        out_dir="data/features",
-        backbone=p["backbone"]["name"],
-        weights=p["backbone"]["weights"],
-        batch_size=e["batch_size"],
-        device=e["device"],
-        decode_threads=e["decode_threads"],
-        decoder=e["decoder"],
-        compile=e["compile"],
-        store_dir=e["store"] or None,
-        flush_every=e["flush_every"],
-        engine=e["engine"],
-        ray=e["ray"],
-    )
+    cfg = load_config()
+    run_extract(backbone=cfg.backbone, extract=cfg.extract, metrics_path="reports/extract.json",
+                t_process=T_PROCESS)
 
 
 if __name__ == "__main__":

@@ -1,20 +1,20 @@
 """Stage prepare: list the dataset's usable images, their labels and split."""
 
 from pipeline.cli import run_stage
+from pipeline.config import load_config
 from pipeline.data.sources import prepare
-from pipeline.params import load_params
 
 
 def main():
-    p = load_params()["data"]
+    d = load_config().data
     prepare(
-        source=p["source"],
+        source=d.source,
         out_dir="data/prepared",
-        folder=p["folder"],
-        download_dir=p["download_dir"],
-        test_fraction=p["test_fraction"],
-        seed=p["seed"],
-        catsdogs_sha256=p["archive_sha256"] or None,
+        folder=d.folder,
+        download_dir=d.download_dir,
+        test_fraction=d.test_fraction,
+        seed=d.seed,
+        catsdogs_sha256=d.archive_sha256 or None,
     )
 
 

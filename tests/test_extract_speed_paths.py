@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from pipeline.backbones import load_backbone
+from pipeline.data.manifest import Row
 from pipeline.extract.local import extract_features
 
 pytestmark = pytest.mark.sample_data
@@ -26,7 +27,7 @@ def _rows(folder, per_class=None):
         files = sorted((folder / cls).iterdir())[:per_class]
         for f in files:
             sha = hashlib.sha256(f.read_bytes()).hexdigest()
-            rows.append((f"{cls}/{f.name}", label, "train", sha))
+            rows.append(Row(f"{cls}/{f.name}", label, "train", sha))
     return rows
 
 
@@ -74,6 +75,49 @@ def test_features_equal_the_straightforward_imagefolder_loop(tmp_path, catsdogs,
     assert cos.min() > 0.97, cos.min()
 
 
+def test_reduced_scale_decoding_on_enlarged_photos(tmp_path, dogbreeds10, lite0):
+    """The default ``pillow`` decoder's draft path, on photos large enough to take it.
+
+    Its rows must equal the straightforward computation with Pillow's draft
+    mode done by hand, stay close to the exact decoder, and differ from it
+    (proof that the reduced-scale path ran at all).
+    """
+    from PIL import Image
+
+    folder = tmp_path / "big"
+    (folder / "dog").mkdir(parents=True)
+    sources = sorted(p for p in dogbreeds10.rglob("*.jpg"))[::15][:8]
+    for i, f in enumerate(sources):
+        with Image.open(f) as im:
+            big = im.convert("RGB").resize((im.width * 3, im.height * 3), Image.BICUBIC)
+        big.save(folder / "dog" / f"{i}.jpg", quality=92)
+    rows = _rows(folder)
+    feats = {}
+    for decoder in ("pillow", "pillow-exact"):
+        out = tmp_path / f"{decoder}.h5"
+        extract_features(lite0, root=folder, rows=rows, classes=["dog"], out_path=out, decoder=decoder, batch_size=4)
+        feats[decoder] = _features(out)[1]
+
+    spec = lite0.transform_spec
+    by_hand = []
+    for r in rows:
+        with Image.open(folder / r.path) as im:
+            full = im.size
+            im.draft("RGB", (spec.resize, spec.resize))
+            assert im.size[0] <= (full[0] + 1) // 2, "the photo was not decoded at reduced scale"
+            by_hand.append(spec.build()(im.convert("RGB")))
+    with torch.no_grad():
+        expected = lite0.features(torch.stack(by_hand)).numpy()
+    np.testing.assert_allclose(feats["pillow"], expected, rtol=1e-4, atol=1e-4)
+
+    a, b = feats["pillow"], feats["pillow-exact"]
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    # Measured on these eight 3x photos: min 0.983, median 0.999 (JPEG's reduced-scale
+    # DCT is a coarser filter than Pillow's bicubic resize of the full picture).
+    assert cos.min() >= 0.98 and np.median(cos) >= 0.995, cos
+    assert np.abs(a - b).max() > 1e-3  # the reduced-scale pixels are not the exact ones
+
+
 def test_incremental_extraction_computes_only_new_images(tmp_path, catsdogs, lite0):
     folder = tmp_path / "photos"
     for cls in ("cat", "dog"):
@@ -90,14 +134,14 @@ def test_incremental_extraction_computes_only_new_images(tmp_path, catsdogs, lit
     # Ten more images: only those ten go through the network.
     second = extract_features(lite0, rows=rows, out_path=tmp_path / "b.h5", **kw)
     assert second.n_computed == 10 and second.n_reused == 40
-    assert sorted(second.computed) == sorted(r[0] for r in rows[20:25] + rows[45:50])
+    assert sorted(second.computed) == sorted(r.path for r in rows[20:25] + rows[45:50])
 
     # ... and the result equals a from-scratch extraction, row for row.
     scratch = extract_features(lite0, rows=rows, out_path=tmp_path / "c.h5", root=folder, classes=["cat", "dog"])
     assert scratch.n_computed == 50
     pb, fb, _ = _features(tmp_path / "b.h5")
     pc, fc, _ = _features(tmp_path / "c.h5")
-    assert list(pb) == list(pc) == [r[0] for r in rows]
+    assert list(pb) == list(pc) == [r.path for r in rows]
     np.testing.assert_allclose(fb, fc, rtol=1e-4, atol=1e-5)
 
     # Removing images computes nothing; a changed image is recomputed.
@@ -113,12 +157,13 @@ MEMORY_SCRIPT = textwrap.dedent(
     import hashlib, json, resource, sys
     from pathlib import Path
     from pipeline.backbones import load_backbone
+    from pipeline.data.manifest import Row
     from pipeline.extract.local import extract_features
     folder = Path(sys.argv[1])
     rows = []
     for label, cls in enumerate(["cat", "dog"]):
         for f in sorted((folder / cls).iterdir()):
-            rows.append((f"{cls}/{f.name}", label, "train", hashlib.sha256(f.read_bytes()).hexdigest()))
+            rows.append(Row(f"{cls}/{f.name}", label, "train", hashlib.sha256(f.read_bytes()).hexdigest()))
     bb = load_backbone("mobilenet_v3_large", "none")
     res = extract_features(bb, root=folder, rows=rows, classes=["cat", "dog"], out_path=folder / "out.h5",
                            store_dir=folder / "store", batch_size=32, compile=False)

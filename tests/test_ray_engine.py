@@ -1,9 +1,7 @@
-"""The Ray engine: same features as the local engine, sharded HDF5 under a virtual master."""
+"""The Ray engine: the same feature file as the local engine, through the same store and writer."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
 
 import h5py
@@ -16,14 +14,16 @@ pytest.importorskip(
 
 from conftest import sample_folder  # noqa: E402
 from pipeline.backbones import load_backbone  # noqa: E402
-from pipeline.data.manifest import read_prepared
+from pipeline.config import parse_config  # noqa: E402
+from pipeline.data.manifest import Row, read_prepared  # noqa: E402
 from pipeline.data.sources import prepare  # noqa: E402
 from pipeline.errors import PipelineError  # noqa: E402
 from pipeline.evaluate import head_metrics  # noqa: E402
-from pipeline.extract.local import extract_features, read_features  # noqa: E402
-from pipeline.heads.batch import make_head, scores  # noqa: E402
-from pipeline.heads.streaming import open_features  # noqa: E402
-from pipeline.extract.ray_executor import DATASETS, extract_with_ray, shards_dir  # noqa: E402
+from pipeline.extract.cache import SCHEMA, open_cache  # noqa: E402
+from pipeline.extract.local import extract_features  # noqa: E402
+from pipeline.extract.ray_executor import extract_with_ray  # noqa: E402
+from pipeline.heads.batch import make_head  # noqa: E402
+from pipeline.heads.model import scores  # noqa: E402
 
 BACKBONE = "efficientnet_lite0"
 
@@ -42,7 +42,7 @@ def both(tmp_path_factory):
     work = tmp_path_factory.mktemp("ray")
     prepare(source="folder", folder=folder, out_dir=work / "prepared")
     p = read_prepared(work / "prepared")
-    stale = (p.rows[0][0], p.rows[0][1], p.rows[0][2], "0" * 64)
+    stale = p.rows[0]._replace(sha256="0" * 64)
     rows = p.rows[:100] + [stale] + p.rows[100:]
 
     t = time.perf_counter()
@@ -64,35 +64,28 @@ def both(tmp_path_factory):
 
 
 @pytest.mark.sample_data
-def test_ray_master_equals_local_engine_and_is_virtual(both):
+def test_ray_file_equals_local_engine(both):
     assert both["ray"].n_images == both["local"].n_images == 240
+    assert both["ray"].n_computed == 240 and both["ray"].n_reused == 0
     assert both["ray"].skipped == both["local"].skipped
     assert "changed since" in both["ray"].skipped[0]["reason"]
     with h5py.File(both["local_file"]) as a, h5py.File(both["ray_file"]) as b:
         np.testing.assert_allclose(b["features"][:], a["features"][:], rtol=1e-4, atol=1e-5)
+        for name in SCHEMA:
+            assert not b[name].is_virtual, name  # one plain layout for both engines
+            assert b[name].dtype == a[name].dtype and b[name].shape == a[name].shape
         for name in ("labels", "paths", "splits", "sha256"):
             np.testing.assert_array_equal(b[name][:], a[name][:], err_msg=name)
         assert dict(b.attrs) == dict(a.attrs)
-        for name in DATASETS:
-            assert b[name].is_virtual, name
-            assert b[name].dtype == a[name].dtype and b[name].shape == a[name].shape
-            for src in b[name].virtual_sources():
-                # Relative to the master's folder, so the folder can move.
-                assert not os.path.isabs(src.file_name) and src.file_name.startswith(f"{BACKBONE}.shards/")
-    shards = sorted(shards_dir(both["ray_file"]).iterdir())
-    assert 1 <= len(shards) <= 2  # one per actor that got work
-    for shard in shards:
-        with h5py.File(shard) as h5, h5py.File(both["local_file"]) as a:
-            assert set(h5) == set(DATASETS) and dict(h5.attrs) == dict(a.attrs)
-            assert not h5["features"].is_virtual
-    assert sorted(p.name for p in both["ray_file"].parent.iterdir()) == [f"{BACKBONE}.h5", f"{BACKBONE}.shards"]
+    # Nothing but the cache file is written beside it (no shard folder to declare in dvc.yaml).
+    assert sorted(p.name for p in both["ray_file"].parent.iterdir()) == [f"{BACKBONE}.h5"]
 
 
 @pytest.mark.sample_data
 def test_heads_on_either_cache_give_the_same_metrics(both):
     results = []
     for path in (both["local_file"], both["ray_file"]):
-        fs = read_features(path)
+        fs = open_cache(path)
         X, y = fs.subset("train")
         Xt, yt = fs.subset("test")
         row = {}
@@ -104,31 +97,6 @@ def test_heads_on_either_cache_give_the_same_metrics(both):
     assert results[0].keys() == results[1].keys()
     for name in results[0]:
         assert results[1][name] == pytest.approx(results[0][name], abs=1e-6), name
-
-
-@pytest.mark.sample_data
-def test_moved_cache_reads_and_a_missing_shard_is_refused(both, tmp_path):
-    moved = tmp_path / "elsewhere" / "features"
-    shutil.copytree(both["ray_file"].parent, moved)
-    master = moved / f"{BACKBONE}.h5"
-    cwd = os.getcwd()
-    os.chdir(tmp_path)  # neither the old folder nor the project: paths resolve against the master
-    try:
-        fs = read_features(master)
-    finally:
-        os.chdir(cwd)
-    ref = read_features(both["ray_file"])
-    np.testing.assert_array_equal(fs.features, ref.features)
-    np.testing.assert_array_equal(fs.paths, ref.paths)
-
-    for shard in shards_dir(master).iterdir():
-        shard.unlink()
-    with h5py.File(master) as h5:  # read raw, the shards' rows are fill values, never plausible rows
-        assert np.isnan(h5["features"][:]).all() and (h5["labels"][:] == -1).all()
-    with pytest.raises(PipelineError, match="missing its shard"):
-        read_features(master)
-    with pytest.raises(PipelineError, match="missing its shard"):
-        open_features(master, chunk_rows=64)
 
 
 @pytest.mark.sample_data
@@ -146,29 +114,26 @@ def test_rerun_reuses_the_store_without_starting_ray(both, monkeypatch):
         out_path=out, store_dir=both["work"] / "store",
     )
     assert res.n_computed == 0 and res.n_reused == res.n_images == 240
-    with h5py.File(out) as h5:
-        assert h5["features"].is_virtual
-        assert [s.file_name for s in h5["features"].virtual_sources()] == [f"{BACKBONE}.shards/shard-store.h5"]
-    np.testing.assert_allclose(read_features(out).features, read_features(both["local_file"]).features,
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(open_cache(out).features, open_cache(both["ray_file"]).features)
 
 
 def test_bad_settings_are_one_line_errors(tmp_path):
-    common = dict(backbone_name="resnet18", weights="none", root=tmp_path, rows=[], classes=["a"],
-                  out_path=tmp_path / "f.h5")
-    with pytest.raises(PipelineError, match="concurrency"):
-        extract_with_ray(**common, concurrency=0)
-    with pytest.raises(PipelineError, match="num_gpus_per_worker"):
-        extract_with_ray(**common, num_gpus_per_worker=-1)
-    with pytest.raises(PipelineError, match="address"):
-        extract_with_ray(**common, address=None)
-    with pytest.raises(PipelineError, match="unknown backbone|accepted"):
-        extract_with_ray(**{**common, "backbone_name": "nope"})
+    for ray, fragment in (({"concurrency": 0}, "extract.ray.concurrency"),
+                          ({"num_gpus_per_worker": -1}, "extract.ray.num_gpus_per_worker"),
+                          ({"address": None}, "extract.ray.address")):
+        with pytest.raises(PipelineError, match=fragment) as e:
+            parse_config({"extract": {"engine": "ray", "ray": ray}})
+        assert "\n" not in str(e.value)
+    with pytest.raises(PipelineError, match="unknown backbone 'nope'"):
+        extract_with_ray(backbone_name="nope", weights="none", root=tmp_path, rows=[], classes=["a"],
+                         out_path=tmp_path / "f.h5", store_dir=tmp_path / "store")
 
 
 def test_more_actors_than_a_local_instance_holds_is_refused_not_a_hang(tmp_path):
-    rows = [("a/x.jpg", 0, "train", "0" * 64)]
+    rows = [Row("a/x.jpg", 0, "train", "0" * 64)]
     with pytest.raises(PipelineError, match="local Ray instance is too small"):
         extract_with_ray(backbone_name="resnet18", weights="none", root=tmp_path, rows=rows, classes=["a"],
-                         out_path=tmp_path / "f.h5", num_cpus=1, concurrency=2)
-    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing half-written
+                         out_path=tmp_path / "out" / "f.h5", store_dir=tmp_path / "store", num_cpus=1,
+                         concurrency=2)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())  # nothing half-written
+    assert [p.name for p in (tmp_path / "store").rglob("shard-*")] == []

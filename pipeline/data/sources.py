@@ -112,7 +112,7 @@ def prepare(*, source: str, out_dir, folder=None, download_dir="data/raw", test_
         ...         out_dir="data/prepared")  # doctest: +SKIP
         prepare: folder data/images: 240 images in 2 classes (192 train / 48 test), 3 rejected
     """
-    _check_split_params(test_fraction, seed)
+    check_split_params(test_fraction, seed)
     out_dir = Path(out_dir)
     extra = {}
     if source == "folder":
@@ -162,7 +162,7 @@ def prepare(*, source: str, out_dir, folder=None, download_dir="data/raw", test_
 # --------------------------------------------------------------------------- parameters
 
 
-def _check_split_params(test_fraction, seed) -> None:
+def check_split_params(test_fraction, seed) -> None:
     if (not isinstance(test_fraction, numbers.Real) or isinstance(test_fraction, bool)
             or not 0 < test_fraction < 1):
         raise PipelineError(f"data.test_fraction must be a number between 0 and 1 (both "

@@ -1,0 +1,66 @@
+"""The ``extract`` stage: manifest in, ``data/features/<backbone>.h5`` out, on either engine."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from pipeline.backbones import load_backbone
+from pipeline.config import BackboneConfig, ExtractConfig
+from pipeline.data.manifest import read_prepared
+from pipeline.extract import decode
+from pipeline.extract.cache import features_path
+from pipeline.extract.compute import ExtractResult
+from pipeline.extract.local import extract_features
+from pipeline.extract.ray_executor import extract_with_ray
+from pipeline.fileio import write_json
+from pipeline.runtime import resolve_device, resolve_precision
+
+
+def run_extract(*, backbone: BackboneConfig, extract: ExtractConfig, prepared_dir="data/prepared",
+                out_dir="data/features", metrics_path=None, t_process: float | None = None) -> ExtractResult:
+    """Run the stage and, if ``metrics_path`` is given, write its speed there.
+
+    Args:
+        t_process: ``time.perf_counter()``-comparable start of the process, so the
+            reported wall time counts start-up too (defaults to this call's start).
+    """
+    t0 = time.perf_counter() if t_process is None else t_process
+    prepared = read_prepared(prepared_dir)
+    out = features_path(out_dir, backbone.name)
+    e = extract
+    if e.engine == "ray":
+        r = e.ray
+        print(f"extract: {len(prepared.rows)} images through {backbone.name} on Ray "
+              f"({r.address or 'local instance'}, {r.concurrency} actors) -> {out}", flush=True)
+        res = extract_with_ray(
+            backbone_name=backbone.name, weights=backbone.weights, root=prepared.root, rows=prepared.rows,
+            classes=prepared.classes, out_path=out, store_dir=e.store or None, address=r.address,
+            num_gpus_per_worker=r.num_gpus_per_worker, concurrency=r.concurrency, batch_size=e.batch_size,
+            decoder=e.decoder, decode_threads=e.decode_threads, compile=e.compile, precision=e.precision,
+            flush_every=e.flush_every,
+        )
+    else:
+        bb = load_backbone(backbone.name, backbone.weights)
+        dev = resolve_device(e.device, "extract.device")
+        prec = resolve_precision(e.precision, dev, "extract.precision")
+        print(f"extract: {len(prepared.rows)} images through {backbone.name} ({bb.weights}) on {dev}, "
+              f"{prec.name} ({prec.reason}), batch {e.batch_size}, decoder "
+              f"{decode.resolve_decoder(e.decoder, dev)} -> {out}", flush=True)
+        res = extract_features(
+            bb, root=prepared.root, rows=prepared.rows, classes=prepared.classes, out_path=out,
+            batch_size=e.batch_size, device=str(dev), precision=e.precision, decode_threads=e.decode_threads,
+            decoder=e.decoder, compile=e.compile, store_dir=e.store or None, flush_every=e.flush_every,
+        )
+    speed = f" at {res.images_per_second:.1f} images/s ({res.mode})" if res.n_computed else ""
+    compiled = f", compile {res.compile_seconds:.1f} s" if res.compile_seconds else ""
+    wall = time.perf_counter() - t0
+    print(f"extract: {res.n_images} images in {wall:.1f} s: {res.n_computed} computed{speed}{compiled}, "
+          f"{res.n_reused} reused from {e.store or 'no store'}, {res.n_skipped} skipped", flush=True)
+    if metrics_path:
+        write_json(Path(metrics_path), {"extract": {
+            "images": res.n_images, "computed": res.n_computed, "reused": res.n_reused,
+            "skipped": res.n_skipped, "wall_seconds": round(wall, 2),
+            "images_per_second": round(res.images_per_second, 1) if res.n_computed else None,
+        }})
+    return res
