@@ -33,6 +33,14 @@ from pathlib import Path
 
 import torch
 
+from pipeline.backbones import load_backbone
+from pipeline.data.images import load_rgb
+from pipeline.data.manifest import Row
+from pipeline.extract.cache import open_cache
+from pipeline.extract.local import extract_features
+from pipeline.heads.batch import make_head
+from pipeline.runtime import resolve_device, resolve_precision
+
 
 def _rows(folder: Path, limit: int | None):
     classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -40,7 +48,7 @@ def _rows(folder: Path, limit: int | None):
     for label, cls in enumerate(classes):
         for f in sorted((folder / cls).iterdir()):
             if f.is_file():
-                rows.append((f"{cls}/{f.name}", label, "train", hashlib.sha256(f.read_bytes()).hexdigest()))
+                rows.append(Row(f"{cls}/{f.name}", label, "train", hashlib.sha256(f.read_bytes()).hexdigest()))
     return classes, rows[:limit] if limit else rows
 
 
@@ -61,12 +69,10 @@ def _model_only(model, batches, device, repeat=1) -> float:
 
 
 def bench_extract(folder, backbone, weights="DEFAULT", batch_size=32, device="auto", baseline=False,
-                  limit=None, decode_threads=1, decoder="auto", workers=2) -> dict:
-    from pipeline.backbones import load_backbone
-    from pipeline.extract.local import _autocast, extract_features, resolve_device
-
+                  limit=None, decode_threads=1, decoder="auto", workers=2, precision="auto") -> dict:
     folder = Path(folder)
-    dev = resolve_device(device)
+    dev = resolve_device(device, "--device")
+    prec = resolve_precision(precision, dev, "--precision")
     classes, rows = _rows(folder, limit)
     bb = load_backbone(backbone, weights)
     n = len(rows)
@@ -81,6 +87,7 @@ def bench_extract(folder, backbone, weights="DEFAULT", batch_size=32, device="au
             res = extract_features(
                 bb, root=folder, rows=rows, classes=classes, out_path=Path(tmp) / f"{mode}.h5",
                 batch_size=batch_size, device=str(dev), decode_threads=decode_threads, decoder=decoder, compile=comp,
+                precision=prec.name,
             )
             out[f"e2e_{res.mode}"] = res.images_per_second
             out[f"e2e_{res.mode}_compile_s"] = res.compile_seconds
@@ -93,16 +100,14 @@ def bench_extract(folder, backbone, weights="DEFAULT", batch_size=32, device="au
         print(f"  peak resident memory so far: {out['peak_rss_mb']:.0f} MB", flush=True)
 
     # The same images, preprocessed once and held in memory: the network alone.
-    from pipeline.data.images import load_rgb
-
     spec = bb.transform_spec
     tfm = spec.build()
     k = min(n, 4 * batch_size)
-    xs = torch.stack([tfm(load_rgb(folder / r[0])) for r in rows[:k]]).to(dev)
+    xs = torch.stack([tfm(load_rgb(folder / r.path)) for r in rows[:k]]).to(dev)
     batches = [xs[s : s + batch_size] for s in range(0, k - batch_size + 1, batch_size)] or [xs]
     model = bb.features.to(dev).eval()
     ceil: dict = {}
-    with _autocast(dev):
+    with prec.autocast(dev):
         ceil["eager"] = _model_only(model, batches, dev)
         cl = [b.contiguous(memory_format=torch.channels_last) for b in batches]
         model = model.to(memory_format=torch.channels_last)
@@ -177,9 +182,7 @@ def bench_draft(folder, backbone, weights="DEFAULT", upscale=1, test_fraction=0.
     from PIL import Image
     from sklearn.model_selection import train_test_split
 
-    from pipeline.backbones import load_backbone
-    from pipeline.extract.local import extract_features, read_features
-    from pipeline.heads.batch import make_head
+
 
     bb = load_backbone(backbone, weights)
     with tempfile.TemporaryDirectory() as tmp:
@@ -194,16 +197,17 @@ def bench_draft(folder, backbone, weights="DEFAULT", upscale=1, test_fraction=0.
                     im.resize((im.width * upscale, im.height * upscale), Image.LANCZOS).save(dest, "JPEG", quality=95)
             src = big
         classes, rows = _rows(src, None)
-        labels = [r[1] for r in rows]
+        labels = [r.label for r in rows]
         train, test = train_test_split(range(len(rows)), test_size=test_fraction, stratify=labels, random_state=seed)
         split = {i: "train" for i in train} | {i: "test" for i in test}
-        rows = [(r[0], r[1], split[i], r[3]) for i, r in enumerate(rows)]
+        rows = [r._replace(split=split[i]) for i, r in enumerate(rows)]
         out = {}
         feats = {}
         for decoder in ("pillow-exact", "pillow"):
             path = Path(tmp) / f"{decoder}.h5"
-            res = extract_features(bb, root=src, rows=rows, classes=classes, out_path=path, decoder=decoder, compile=False)
-            fs = read_features(path)
+            res = extract_features(bb, root=src, rows=rows, classes=classes, out_path=path, decoder=decoder,
+                                   compile=False)
+            fs = open_cache(path)
             feats[decoder] = fs.features
             Xtr, ytr = fs.subset("train")
             Xte, yte = fs.subset("test")
@@ -231,8 +235,6 @@ def bench_incremental(folder, backbone, weights="DEFAULT", add=10, repeat=1) -> 
     """
     import numpy as np
 
-    from pipeline.backbones import load_backbone
-    from pipeline.extract.local import extract_features, read_features
 
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(folder)
@@ -262,7 +264,7 @@ def bench_incremental(folder, backbone, weights="DEFAULT", add=10, repeat=1) -> 
         full, t_full = run(first, "full.h5", store)
         more, t_more = run(rows, "more.h5", store)
         scratch, t_scratch = run(rows, "scratch.h5", None)
-        a, b = read_features(Path(tmp) / "more.h5"), read_features(Path(tmp) / "scratch.h5")
+        a, b = open_cache(Path(tmp) / "more.h5"), open_cache(Path(tmp) / "scratch.h5")
         same = list(a.paths) == list(b.paths) and bool(np.allclose(a.features, b.features, rtol=1e-4, atol=1e-5))
     print(
         f"bench incremental: {backbone}, {len(first)} images extracted in {t_full:.1f} s; adding {add}: "
@@ -283,6 +285,7 @@ def main(argv=None) -> None:
     p.add_argument("--weights", default="DEFAULT")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", help="auto | fp32 | bf16, as extract.precision")
     p.add_argument("--decoder", default="auto")
     p.add_argument("--decode-threads", type=int, default=1)
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the straightforward loop")
@@ -307,7 +310,7 @@ def main(argv=None) -> None:
         bench_draft(a.folder, a.backbone, a.weights, a.upscale)
         return
     bench_extract(a.folder, a.backbone, a.weights, a.batch_size, a.device, a.baseline, a.limit,
-                  a.decode_threads, a.decoder, a.workers)
+                  a.decode_threads, a.decoder, a.workers, a.precision)
 
 
 if __name__ == "__main__":

@@ -22,12 +22,16 @@ from typing import Any
 
 import yaml
 
-from pipeline.data.sources import SOURCES, check_split_params
 from pipeline.errors import PipelineError
-from pipeline.extract.decode import DECODERS
 from pipeline.heads.registry import HEADS
 from pipeline.runtime import DEVICES, PRECISIONS
-from pipeline.visualize.optvis import PARAMETERISATIONS
+
+# The accepted values of params keys whose meaning lives elsewhere: kept here,
+# with the checks, so that reading params.yaml depends on no stage's code
+# (a test checks each tuple against the module that implements it).
+SOURCES = ("cats-vs-dogs", "folder", "oxford-iiit-pet")  # pipeline.data.sources
+DECODERS = ("auto", "pillow", "pillow-exact", "torchvision")  # pipeline.extract.decode
+PARAMETERISATIONS = ("fourier", "pixel")  # pipeline.visualize.optvis
 
 # ------------------------------------------------------------------- checks
 
@@ -59,6 +63,16 @@ def _num(where, name, value, lo=0.0, hi=float("inf"), lo_open=True, hi_open=True
 def _choice(where, name, value, accepted):
     if value not in accepted:
         raise PipelineError(f"unknown {where}.{name} '{value}'; accepted: {', '.join(map(str, accepted))}")
+
+
+def check_split_params(test_fraction, seed) -> None:
+    """``data.test_fraction`` and ``data.seed`` (also checked by the prepare stage's library call)."""
+    if not _is_num(test_fraction) or not 0 < test_fraction < 1:
+        raise PipelineError(f"data.test_fraction must be a number between 0 and 1 (both "
+                            f"excluded); found {test_fraction!r}; set e.g. 0.2 in params.yaml")
+    if not _is_int(seed) or seed < 0:
+        raise PipelineError(f"data.seed must be a non-negative integer; found {seed!r}; "
+                            f"set e.g. 0 in params.yaml")
 
 
 def _device(where, value):
@@ -343,7 +357,7 @@ class VisualizeConfig(Section):
     def __post_init__(self):
         w = "visualize"
         _choice(w, "model", self.model, tuple(HEADS))
-        _choice(w, "param", self.param, tuple(PARAMETERISATIONS))
+        _choice(w, "param", self.param, PARAMETERISATIONS)
         _int(w, "steps", self.steps, lo=1)
         _num(w, "lr", self.lr)
         _num(w, "tv_weight", self.tv_weight, lo_open=False)

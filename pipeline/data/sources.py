@@ -26,7 +26,6 @@ the user's folders is ever written, moved or deleted.
 
 from __future__ import annotations
 
-import numbers
 import os
 import re
 import urllib.parse
@@ -41,10 +40,10 @@ from tqdm import tqdm
 from pipeline.data.download import download, file_digest, safe_extract
 from pipeline.data.images import IMAGE_EXTENSIONS, load_rgb
 from pipeline.data.manifest import MANIFEST_HEADER, stratified_holdout
+from pipeline.config import SOURCES, check_split_params
 from pipeline.errors import BadImage, PipelineError
 from pipeline.fileio import write_csv, write_json
 
-SOURCES = ("cats-vs-dogs", "folder", "oxford-iiit-pet")
 
 OXFORD_BASE_URL = "https://www.robots.ox.ac.uk/~vgg/data/pets/data/"
 #: The checksums torchvision's ``OxfordIIITPet`` verifies.
@@ -160,16 +159,6 @@ def prepare(*, source: str, out_dir, folder=None, download_dir="data/raw", test_
 
 
 # --------------------------------------------------------------------------- parameters
-
-
-def check_split_params(test_fraction, seed) -> None:
-    if (not isinstance(test_fraction, numbers.Real) or isinstance(test_fraction, bool)
-            or not 0 < test_fraction < 1):
-        raise PipelineError(f"data.test_fraction must be a number between 0 and 1 (both "
-                            f"excluded); found {test_fraction!r}; set e.g. 0.2 in params.yaml")
-    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or seed < 0:
-        raise PipelineError(f"data.seed must be a non-negative integer; found {seed!r}; "
-                            f"set e.g. 0 in params.yaml")
 
 
 # --------------------------------------------------------------------------- listing files

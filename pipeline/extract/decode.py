@@ -37,9 +37,6 @@ from pipeline.data.manifest import Row
 from pipeline.data.transform import TransformSpec
 from pipeline.errors import BadImage
 
-DECODERS = ("auto", "pillow", "pillow-exact", "torchvision")
-
-
 def resolve_decoder(decoder: str, device: torch.device) -> str:
     """``auto``: the torchvision (nvJPEG) decoder on CUDA, Pillow on a CPU."""
     if decoder == "auto":
