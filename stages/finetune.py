@@ -1,21 +1,14 @@
 """Stage finetune: the backbone plus the logreg head as one network, fine-tuned on the photos."""
 
 from pipeline.cli import run_stage
-from pipeline.finetune.train import run_finetune
-from pipeline.params import load_params
+from pipeline.config import load_config
+from pipeline.finetune.stage import run_finetune
 
 
 def main():
-    p = load_params()
-    run_finetune(
-        prepared_dir="data/prepared",
-        head_path="models/logreg.joblib",
-        out_path="models/finetune.pt",
-        live_dir="dvclive",
-        backbone=p["backbone"]["name"],
-        weights=p["backbone"]["weights"],
-        **p["finetune"],
-    )
+    cfg = load_config()
+    run_finetune(cfg, prepared_dir="data/prepared", head_path="models/logreg.joblib",
+                 out_path="models/finetune.pt", live_dir="dvclive")
 
 
 if __name__ == "__main__":
