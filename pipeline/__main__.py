@@ -10,6 +10,8 @@ import argparse
 import sys
 
 from pipeline.cli import run_stage
+from pipeline.serve.bundle import MODELS
+from pipeline.serve.predict import run_predict
 
 
 def _backbones(_args) -> None:
@@ -22,8 +24,6 @@ def _backbones(_args) -> None:
 
 
 def _predict(args) -> None:
-    from pipeline.serve.predict import run_predict
-
     run_predict(
         paths=args.paths,
         model=args.model,
@@ -48,12 +48,12 @@ def main(argv=None) -> None:
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files, or folders searched recursively")
     p.add_argument(
         "--model",
-        choices=["logreg", "svm", "finetune"],
+        choices=MODELS,
         help="default: the best by test accuracy in reports/metrics.json",
     )
     p.add_argument("--top-k", type=int, default=3, help="classes shown per image (default 3)")
     p.add_argument("--json", action="store_true", help="one JSON document on stdout")
-    p.add_argument("--project", default=".", help="folder with params.yaml, models/ and reports/ (default .)")
+    p.add_argument("--project", default=".", help="folder with models/ and reports/ (default .)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     p.add_argument("--batch-size", type=int, default=32)
     p.set_defaults(func=_predict)

@@ -17,16 +17,20 @@ from helpers_images import truncated_jpeg, write
 
 from pipeline.__main__ import main
 from pipeline.backbones import load_backbone
-from pipeline.finetune.train import build_network, save_finetuned
-from pipeline.heads.batch import make_head, save_head
 from pipeline.data.images import load_rgb
+from pipeline.errors import PipelineError
+from pipeline.finetune.checkpoint import save_finetuned
+from pipeline.finetune.network import build_network
+from pipeline.heads.batch import make_head
+from pipeline.heads.model import save_head
+from pipeline.serve.bundle import load_bundle
 
 pytestmark = pytest.mark.sample_data
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A project folder as ``dvc repro`` leaves it: params.yaml, three models, metrics.
+    """A project folder as ``dvc repro`` leaves it: three models and the metrics.
 
     The heads are fitted on 12 photos per class (seconds); the fine-tuned
     network is the one the finetune stage starts from.
@@ -34,9 +38,6 @@ def trained(tmp_path_factory):
     folder = sample_folder("catsdogs")
     project = tmp_path_factory.mktemp("predict") / "project"
     (project / "reports").mkdir(parents=True)
-    (project / "params.yaml").write_text(
-        yaml.safe_dump({"backbone": {"name": "efficientnet_lite0", "weights": "DEFAULT"}})
-    )
     bb = load_backbone("efficientnet_lite0")
     classes = ["cat", "dog"]
     files = [(folder / c / f.name, i) for i, c in enumerate(classes) for f in sorted((folder / c).iterdir())[:12]]
@@ -151,21 +152,65 @@ def _error_line(err):
     return lines[0]
 
 
-def test_head_from_other_weights_is_refused(stale, capsys):
+def test_the_bundle_not_params_yaml_says_which_backbone(stale, capsys):
     project, photos = stale
-    params = {"backbone": {"name": "efficientnet_lite0", "weights": "none"}}
-    (project / "params.yaml").write_text(yaml.safe_dump(params))
-    code, out, err = _predict(capsys, photos, "--project", project, "--model", "logreg")
-    assert code == 1
-    assert "weights=" in _error_line(err) and "stale" in _error_line(err)
+    # params.yaml now asks for another backbone; the models say what they were made with.
+    (project / "params.yaml").write_text(yaml.safe_dump({"backbone": {"name": "resnet18", "weights": "none"}}))
+    code, out, err = _predict(capsys, *_good(photos), "--project", project, "--model", "finetune")
+    assert code == 0, err
+    assert out.splitlines()[0] == "# model finetune (efficientnet_lite0): probabilities"
 
 
-def test_finetuned_from_other_backbone_is_refused(stale, capsys):
-    project, photos = stale
-    (project / "params.yaml").write_text(yaml.safe_dump({"backbone": {"name": "resnet18"}}))
-    code, _, err = _predict(capsys, photos, "--project", project, "--model", "finetune")
+def test_head_whose_weights_file_changed_is_refused(tmp_path, capsys):
+    """A head records its backbone's weights file by path and sha256; a changed file makes it stale."""
+    import torchvision
+
+    project = tmp_path / "project"
+    weights = project / "weights" / "r18.pt"
+    weights.parent.mkdir(parents=True)
+    torch.manual_seed(1)
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    bb = load_backbone("resnet18", str(weights))
+    # As the train_heads stage records it: the path as params.yaml spells it, relative to the project.
+    provenance = dict(bb.provenance(), weights="weights/r18.pt")
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(8, bb.feature_dim)), np.array([0, 1] * 4)
+    save_head(project / "models" / "logreg.joblib", make_head("logreg", C=[1.0], cv_folds=2).fit(X, y),
+              provenance, ["cat", "dog"])
+    photo = sample_folder("catsdogs") / "cat" / sorted(os.listdir(sample_folder("catsdogs") / "cat"))[0]
+
+    # Found beside the project wherever predict runs, and its content checked.
+    code, out, err = _predict(capsys, photo, "--project", project, "--model", "logreg")
+    assert code == 0, err
+    assert out.splitlines()[0] == "# model logreg on resnet18: probabilities"
+
+    torch.manual_seed(2)
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    code, _, err = _predict(capsys, photo, "--project", project, "--model", "logreg")
     assert code == 1
-    assert "fine-tuned from efficientnet_lite0 but params.yaml's backbone.name is resnet18" in _error_line(err)
+    line = _error_line(err)
+    assert f"head {project / 'models' / 'logreg.joblib'} was made with weights_sha256=" in line
+    assert "it is stale: run dvc repro" in line
+
+
+def test_bundle_scores_and_network_agree(trained):
+    """``network()`` (features + one linear layer) gives the probabilities ``scores`` gives."""
+    project, photos = trained
+    for name in ("logreg", "finetune"):
+        b = load_bundle(project / "models", name)
+        x = torch.stack([b.transform(load_rgb(p)) for p in _good(photos)])
+        net = b.network()
+        with torch.no_grad():
+            probs = net(x).softmax(1).numpy()
+        np.testing.assert_allclose(probs, b.scores(x), atol=1e-5)
+        assert b.spec()["name"] == "efficientnet_lite0" and b.spec()["transform"]["crop"] == 224
+        x.requires_grad_(True)
+        net(x).softmax(1)[:, 0].sum().backward()  # differentiable with respect to the image
+        assert x.grad is not None and float(x.grad.abs().sum()) > 0
+    with pytest.raises(PipelineError, match="classes=.*stale: run dvc repro"):
+        load_bundle(project / "models", "svm", expected={"classes": ["dog", "cat"]})
+    with pytest.raises(PipelineError, match="unknown model 'mlp'; accepted: logreg, svm, finetune"):
+        load_bundle(project / "models", "mlp")
 
 
 def test_without_metrics_the_model_must_be_named(stale, capsys):

@@ -1,9 +1,11 @@
 """``python -m pipeline predict``: apply a trained model to new photos.
 
-The model is one of the project's: ``logreg`` or ``svm`` (the backbone of
-params.yaml, then the head), or ``finetune`` (the fine-tuned network). By
-default the best by test accuracy in ``reports/metrics.json``. Files that cannot
-be read are listed with the reason and do not stop the others.
+The model is one of the project's bundles (:mod:`pipeline.serve.bundle`):
+``logreg`` or ``svm`` (a head on its backbone), or ``finetune`` (the
+fine-tuned network); by default the best by test accuracy in
+``reports/metrics.json``. The bundle says which backbone and preprocessing it
+needs, so params.yaml is not read. Files that cannot be read are listed with
+the reason and do not stop the others.
 
 Example:
     $ python -m pipeline predict photos/ --top-k 2
@@ -15,29 +17,15 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
-import torch
 
-from pipeline.errors import BadImage, PipelineError
-from pipeline.data.images import IMAGE_EXTENSIONS, load_rgb
-
-MODELS = ("logreg", "svm", "finetune")
-
-
-@dataclass
-class Model:
-    """A loaded model: images (N, 3, H, W) -> per-class scores that sum to 1."""
-
-    name: str
-    description: str
-    classes: list[str]
-    transform: Callable
-    scores: Callable[[torch.Tensor], np.ndarray]
-    probabilities: bool  # False: softmax of decision values, not calibrated probabilities
+from pipeline.data.images import IMAGE_EXTENSIONS
+from pipeline.data.manifest import Row
+from pipeline.errors import PipelineError
+from pipeline.runtime import resolve_device
+from pipeline.serve.bundle import MODELS, Bundle, load_bundle
 
 
 def collect(paths) -> tuple[list[Path], list[dict]]:
@@ -81,94 +69,17 @@ def best_model(project: Path) -> str:
     return max(ranked, key=ranked.get)
 
 
-def load_model(project: Path, name: str, device: torch.device) -> Model:
-    """Load ``name`` from ``project``, checking it matches the backbone of params.yaml.
-
-    Raises:
-        PipelineError: unknown or missing model, or one made with another backbone.
-    """
-    from pipeline.params import load_params
-
-    if name not in MODELS:
-        raise PipelineError(f"unknown model '{name}'; accepted: {', '.join(MODELS)}")
-    params = load_params(project / "params.yaml")
-    backbone, weights = params["backbone"]["name"], str(params["backbone"]["weights"])
-    if name == "finetune":
-        return _load_finetuned(project, backbone, device)
-
-    from pipeline.backbones import load_backbone
-    from pipeline.heads.batch import load_head, scores
-
-    # A relative weights path in params.yaml is relative to the project, not to
-    # where predict runs; the head recorded it as params.yaml spells it.
-    local = project / weights
-    use = str(local) if not Path(weights).is_absolute() and local.is_file() else weights
-    bb = load_backbone(backbone, use)
-    expected = bb.provenance()
-    if use != weights:
-        expected["weights"] = weights
-    head = load_head(project / "models" / f"{name}.joblib", expected)
-    est = head["estimator"]
-    features = bb.features.to(device).eval()
-
-    def score(x: torch.Tensor) -> np.ndarray:
-        with torch.inference_mode():
-            f = features(x.to(device)).float().cpu().numpy()
-        s = scores(est, f)
-        if hasattr(est, "predict_proba"):
-            return s
-        return torch.from_numpy(np.asarray(s, dtype=np.float64)).softmax(1).numpy()
-
-    return Model(
-        name,
-        f"{name} on {backbone}",
-        list(head["classes"]),
-        bb.transform,
-        score,
-        probabilities=hasattr(est, "predict_proba"),
-    )
-
-
-def _load_finetuned(project: Path, backbone: str, device: torch.device) -> Model:
-    from pipeline.finetune.train import load_finetuned, transform_of
-
-    path = project / "models" / "finetune.pt"
-    net, info = load_finetuned(path)
-    if info["backbone"] != backbone:
-        raise PipelineError(
-            f"{path} was fine-tuned from {info['backbone']} but params.yaml's backbone.name is {backbone}; "
-            "it is stale: run dvc repro"
-        )
-    net.to(device)
-
-    def score(x: torch.Tensor) -> np.ndarray:
-        with torch.inference_mode():
-            return net(x.to(device)).float().softmax(1).cpu().numpy()
-
-    return Model("finetune", f"finetune ({backbone})", list(info["classes"]), transform_of(info).build(), score, True)
-
-
-def predict_files(model: Model, files: list[Path], *, top_k: int = 3, batch_size: int = 32):
+def predict_files(bundle: Bundle, files: list[Path], *, top_k: int = 3, batch_size: int = 32):
     """Yield ``{"path", "top": [{"class", "score"}]}`` or ``{"path", "reason"}`` per file, in order."""
-    k = min(top_k, len(model.classes))
-    for start in range(0, len(files), batch_size):
-        chunk = files[start : start + batch_size]
-        decoded = []
-        for path in chunk:
-            try:
-                decoded.append(model.transform(load_rgb(path)))
-            except BadImage as e:
-                decoded.append(e.reason)
-        good = [x for x in decoded if not isinstance(x, str)]
-        s = model.scores(torch.stack(good)) if good else np.zeros((0, len(model.classes)))
-        rows = iter(s)
-        for path, x in zip(chunk, decoded):
-            if isinstance(x, str):
-                yield {"path": str(path), "reason": x}
-                continue
-            row = next(rows)
-            order = np.argsort(-row, kind="stable")[:k]
-            yield {"path": str(path), "top": [{"class": model.classes[i], "score": float(row[i])} for i in order]}
+    k = min(top_k, len(bundle.classes))
+    # A user's photo has no recorded hash: read unchecked, through the one image reader.
+    rows = [Row(str(path), -1, "", "") for path in files]
+    for row, s, why in bundle.score_rows("", rows, batch_size):
+        if s is None:
+            yield {"path": row.path, "reason": why}
+            continue
+        order = np.argsort(-s, kind="stable")[:k]
+        yield {"path": row.path, "top": [{"class": bundle.classes[i], "score": float(s[i])} for i in order]}
 
 
 def run_predict(
@@ -190,7 +101,7 @@ def run_predict(
         model: ``logreg``, ``svm``, ``finetune`` or None for the best in
             ``reports/metrics.json``.
         as_json: one JSON document on ``out`` instead of lines.
-        project: the folder holding params.yaml, models/ and reports/.
+        project: the folder holding models/ and reports/.
 
     Returns:
         the JSON document (also when printing lines).
@@ -198,20 +109,14 @@ def run_predict(
     Raises:
         PipelineError: after printing everything else, if any file failed.
     """
-    from pipeline.extract.local import resolve_device
-
-    if device not in ("auto", "cpu", "cuda") and not str(device).startswith("cuda:"):
-        raise PipelineError(f"unknown --device '{device}'; accepted: auto, cpu, cuda, cuda:N")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise PipelineError(f"--device {device} but no CUDA device is available; use auto or cpu")
     out = out or sys.stdout
     err = err or sys.stderr
     if not isinstance(top_k, int) or top_k < 1:
         raise PipelineError(f"--top-k must be a whole number >= 1, found {top_k!r}")
+    dev = resolve_device(device, "--device")
     project = Path(project)
     files, failed = collect(paths)
-    name = model or best_model(project)
-    m = load_model(project, name, resolve_device(device))
+    m = load_bundle(project / "models", model or best_model(project)).to(dev)
     kind = "probabilities" if m.probabilities else "scores: softmax of SVM decision values, not probabilities"
     doc = {"model": m.name, "description": m.description, "scores": kind, "top_k": min(top_k, len(m.classes)),
            "predictions": [], "failed": failed}
