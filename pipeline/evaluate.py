@@ -1,6 +1,18 @@
-"""Test-split metrics of trained heads, in the shape ``dvc metrics`` compares."""
+"""The ``evaluate`` stage: test-split metrics of every model, in the shape ``dvc metrics`` compares.
+
+Each model is loaded as a bundle (:mod:`pipeline.serve.bundle`). Heads are
+scored on the feature cache's test rows; the fine-tuned network on the same
+images, decoded from their files and checked against the content hashes the
+manifest recorded, so every model is scored on exactly the same photos.
+
+Outputs: ``reports/metrics.json`` (one entry per model), ``per_class.csv`` and
+``confusion_<model>.csv``.
+"""
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 from sklearn.metrics import (
@@ -10,6 +22,15 @@ from sklearn.metrics import (
     precision_recall_fscore_support,
     top_k_accuracy_score,
 )
+
+from pipeline.config import Config
+from pipeline.data.manifest import Row, read_prepared
+from pipeline.errors import PipelineError
+from pipeline.extract.cache import CHECKED_ATTRS, features_path, open_cache
+from pipeline.fileio import write_csv, write_json
+from pipeline.heads.model import scores
+from pipeline.runtime import resolve_device
+from pipeline.serve.bundle import BACKBONE_KEYS, FINETUNE, MODELS, Bundle, load_bundle
 
 
 def head_metrics(y_true, y_pred, scores, n_classes: int, top_k=(3, 5)) -> dict:
@@ -39,91 +60,86 @@ def per_class_rows(head: str, y_true, y_pred, classes: list[str]) -> list[list]:
     ]
 
 
-def finetune_test_scores(model_path, *, fs, prepared_dir, expected: dict, device="auto", batch_size=32):
-    """Probabilities (N, C) of the fine-tuned network on the feature cache's test rows.
+def manifest_rows(fs, features_file, prepared_dir) -> tuple[Path, list[Row]]:
+    """The cache's test rows as the manifest lists them: ``(dataset root, rows)``, in cache order.
 
-    The test images are decoded from their files, checked against the content
-    hashes the manifest recorded, and pushed through the network with its eval
-    transform, so the network is scored on exactly the images the heads are.
+    Raises:
+        PipelineError: the cache holds a test image the manifest does not
+            list, or one whose content hash differs (the cache is stale).
     """
-    import torch
-
-    from pipeline.data.manifest import read_prepared
-    from pipeline.finetune.train import load_finetuned, logits_for_rows, transform_of
-
-    net, info = load_finetuned(model_path, expected)
     prepared = read_prepared(prepared_dir)
-    sha = {path: digest for path, _, _, digest in prepared.rows}
+    listed = {r.path: r for r in prepared.split("test")}
     test = fs.splits == "test"
-    rows = [(path, int(label), sha.get(path, "")) for path, label in zip(fs.paths[test], fs.labels[test])]
-    logits, _ = logits_for_rows(
-        net, root=prepared.root, rows=rows, transform=transform_of(info).build(), device=device, batch_size=batch_size
-    )
-    return torch.from_numpy(logits).softmax(1).numpy()
+    rows = []
+    for path, sha in zip(fs.paths[test], fs.sha256[test]):
+        row = listed.get(str(path))
+        if row is None or row.sha256 != sha:
+            why = "does not list it" if row is None else "records another content hash"
+            raise PipelineError(f"{features_file} holds test image {path} but {prepared_dir}/manifest.csv {why}; "
+                                "the cache is stale: run dvc repro")
+        rows.append(row)
+    return prepared.root, rows
 
 
-def run_evaluate(
-    *, features_file, models_dir, top_k, reports_dir, finetuned_model=None, prepared_dir=None, device="auto",
-    out_of_core: bool = False, chunk_rows: int = 65536,
-) -> dict:
-    """The ``evaluate`` stage: metrics.json, per_class.csv and confusion_<head>.csv.
+def image_scores(bundle: Bundle, root, rows: list[Row], batch_size: int = 32) -> np.ndarray:
+    """Scores (N, C) of ``rows`` decoded from their files; any unusable photo is an error."""
+    out = []
+    for row, s, why in bundle.score_rows(root, rows, batch_size):
+        if s is None:
+            raise PipelineError(f"cannot use {row.path}: {why}; run dvc repro so that the prepare stage "
+                                "lists the photos again")
+        out.append(s)
+    return np.stack(out) if out else np.zeros((0, len(bundle.classes)))
+
+
+def run_evaluate(cfg: Config, *, features_dir, models_dir, reports_dir, prepared_dir,
+                 models: Sequence[str] = MODELS) -> dict:
+    """Score ``models`` on the test split and write the reports.
 
     Args:
-        finetuned_model: ``models/finetune.pt`` to score as ``finetune`` beside
-            the heads, or None for the heads only.
-        prepared_dir: the prepare stage's output, where the test images are
-            found; needed with ``finetuned_model``.
-        device: where the fine-tuned network runs (``auto``: CUDA when present).
-        out_of_core: stream the test split ``chunk_rows`` rows at a time
-            instead of loading the feature cache.
+        cfg: reads ``backbone.name`` (which cache), ``evaluate.top_k``,
+            ``heads.out_of_core`` and ``heads.chunk_rows`` (stream the test
+            split instead of loading the cache) and ``finetune.device`` (where
+            the fine-tuned network runs).
+        models: the heads and ``finetune``, each loaded from ``models_dir``.
+
+    Returns:
+        the metrics written to ``reports/metrics.json``.
+
+    Example:
+        >>> run_evaluate(load_config(), features_dir="data/features", models_dir="models",
+        ...              reports_dir="reports", prepared_dir="data/prepared")   # doctest: +SKIP
     """
-    from pathlib import Path
-
-    from pipeline.errors import PipelineError
-    from pipeline.extract.local import CHECKED_ATTRS, read_features
-    from pipeline.fileio import write_csv, write_json
-    from pipeline.heads.batch import HEADS, load_head, scores
-
-    if out_of_core:  # features stay on disk, read chunk_rows rows at a time
-        from pipeline.heads.streaming import open_features
-
-        fs = open_features(features_file, chunk_rows=chunk_rows)
-        y = fs.labels_of("test")
-    else:
-        fs = read_features(features_file)
-        X, y = fs.subset("test")
+    features_file = features_path(features_dir, cfg.backbone.name)
+    streamed = cfg.heads.out_of_core  # features stay on disk, read chunk_rows rows at a time
+    fs = open_cache(features_file, stream=streamed, chunk_rows=cfg.heads.chunk_rows)
+    X, y = (None, fs.labels_of("test")) if streamed else fs.subset("test")
     if len(y) == 0:
         raise PipelineError(f"{features_file} has no test rows; check the prepare stage's split")
-    expected = {k: fs.attrs[k] for k in CHECKED_ATTRS}
-    expected["classes"] = fs.classes
+    made_with = {k: fs.attrs[k] for k in CHECKED_ATTRS}
     reports = Path(reports_dir)
     metrics, per_class = {}, []
 
-    def report(name, pred, s):
-        metrics[name] = head_metrics(y, pred, s, len(fs.classes), top_k)
+    for name in models:
+        if name == FINETUNE:
+            # It sees images, not cached features: decoder and precision do not apply.
+            expected = {k: made_with[k] for k in BACKBONE_KEYS}
+            bundle = load_bundle(models_dir, name, {**expected, "classes": fs.classes})
+            bundle.to(resolve_device(cfg.finetune.device, "finetune.device"))
+            s = image_scores(bundle, *manifest_rows(fs, features_file, prepared_dir))
+            pred = s.argmax(1)
+        else:
+            bundle = load_bundle(models_dir, name, {**made_with, "classes": fs.classes})
+            if streamed:
+                _, pred, s = fs.predict(bundle.estimator, "test", scores)
+            else:
+                pred, s = bundle.score_features(X)
+        metrics[name] = head_metrics(y, pred, s, len(fs.classes), cfg.evaluate.top_k)
         per_class.extend(per_class_rows(name, y, pred, fs.classes))
-        write_csv(
-            reports / f"confusion_{name}.csv",
-            ["actual", "predicted"],
-            [[fs.classes[a], fs.classes[p]] for a, p in zip(y, pred)],
-        )
+        write_csv(reports / f"confusion_{name}.csv", ["actual", "predicted"],
+                  [[fs.classes[a], fs.classes[p]] for a, p in zip(y, pred)])
         shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics[name].items() if k != "n_test")
         print(f"evaluate: {name} on {len(y)} test images: {shown}", flush=True)
-
-    for name in HEADS:
-        est = load_head(Path(models_dir) / f"{name}.joblib", expected)["estimator"]
-        if out_of_core:
-            _, pred, s = fs.predict(est, "test")
-        else:
-            pred, s = est.predict(X), scores(est, X)
-        report(name, pred, s)
-    if finetuned_model is not None:
-        if prepared_dir is None:
-            raise TypeError("run_evaluate: finetuned_model needs prepared_dir (where the test images are listed)")
-        probs = finetune_test_scores(
-            finetuned_model, fs=fs, prepared_dir=prepared_dir, expected=expected, device=device
-        )
-        report("finetune", probs.argmax(1), probs)
     write_csv(reports / "per_class.csv", ["head", "class", "support", "accuracy", "precision", "f1"], per_class)
     write_json(reports / "metrics.json", metrics)
     return metrics
