@@ -14,9 +14,12 @@ from torch import nn
 from pipeline.backbones import REGISTRY, load_backbone
 from pipeline.config import FinetuneConfig
 from pipeline.data.images import load_rgb
-from pipeline.data.manifest import Row
+from pipeline.data.manifest import Row, read_prepared
+from pipeline.data.sources import prepare
 from pipeline.data.transform import TransformSpec
 from pipeline.errors import PipelineError
+from pipeline.evaluate import manifest_rows
+from pipeline.extract.cache import FeatureSet
 from pipeline.finetune.checkpoint import load_finetuned, save_finetuned
 from pipeline.finetune.data import loader, split_validation
 from pipeline.finetune.network import (
@@ -195,6 +198,29 @@ def test_saved_network_round_trips_and_refuses_stale(tmp_path, tiny):
         load_finetuned(path, {"classes": ["cat", "dog"]})
     with pytest.raises(PipelineError, match="run the finetune stage"):
         load_finetuned(tmp_path / "nothing.pt")
+
+
+def test_evaluate_scores_the_cache_test_rows_as_the_manifest_lists_them(tmp_path):
+    """The fine-tuned network sees the cache's test images, each checked against the manifest's hash."""
+    folder = make_class_folder(tmp_path / "photos", {"red": 5, "blue": 5})
+    prepare(source="folder", out_dir=tmp_path / "prepared", folder=str(folder), test_fraction=0.4, seed=0)
+    rows = read_prepared(tmp_path / "prepared").rows
+
+    def cache(rows):
+        # What extract writes: the manifest's rows in order, one feature row each.
+        return FeatureSet(np.zeros((len(rows), 4), np.float32), np.array([r.label for r in rows]),
+                          np.array([r.path for r in rows]), np.array([r.split for r in rows]),
+                          np.array([r.sha256 for r in rows]), ["blue", "red"], {})
+
+    test = [r for r in rows if r.split == "test"]
+    root, found = manifest_rows(cache(rows[::-1]), "features.h5", tmp_path / "prepared")
+    assert root == folder and found == test[::-1] and len(found) == 4  # cache order, manifest records
+    changed = [r._replace(sha256="0" * 64) if r == test[0] else r for r in rows]
+    with pytest.raises(PipelineError, match=f"test image {test[0].path} but .*records another content hash"):
+        manifest_rows(cache(changed), "features.h5", tmp_path / "prepared")
+    unknown = [*rows, Row("red/new.jpg", 1, "test", "1" * 64)]
+    with pytest.raises(PipelineError, match="test image red/new.jpg but .*does not list it; the cache is stale"):
+        manifest_rows(cache(unknown), "features.h5", tmp_path / "prepared")
 
 
 # ------------------------------------------------------------- real photos
