@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torchvision
 import yaml
 from conftest import ROOT, sample_folder
 from helpers_images import truncated_jpeg, write
@@ -163,8 +164,6 @@ def test_the_bundle_not_params_yaml_says_which_backbone(stale, capsys):
 
 def test_head_whose_weights_file_changed_is_refused(tmp_path, capsys):
     """A head records its backbone's weights file by path and sha256; a changed file makes it stale."""
-    import torchvision
-
     project = tmp_path / "project"
     weights = project / "weights" / "r18.pt"
     weights.parent.mkdir(parents=True)
