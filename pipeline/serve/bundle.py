@@ -155,7 +155,7 @@ class HeadBundle(Bundle):
         return self.estimator.predict(X), scores(self.estimator, X)
 
     def scores(self, images: torch.Tensor) -> np.ndarray:
-        features = self.backbone.features.to(self.device).eval()
+        features = self.backbone.features.to(self.device).eval()  # network() shares it and may have moved it
         with torch.inference_mode():
             f = features(images.to(self.device)).float().cpu().numpy()
         s = scores(self.estimator, f)
@@ -185,14 +185,10 @@ class FinetunedBundle(Bundle):
     def transform_spec(self) -> TransformSpec:
         return TransformSpec.from_dict(self.info["transform"])
 
-    def to(self, device: torch.device) -> Bundle:
-        super().to(device)
-        self.net.to(self.device)
-        return self
-
     def scores(self, images: torch.Tensor) -> np.ndarray:
+        net = self.net.to(self.device).eval()  # network() may have moved it
         with torch.inference_mode():
-            return self.net(images.to(self.device)).float().softmax(1).cpu().numpy()
+            return net(images.to(self.device)).float().softmax(1).cpu().numpy()
 
     def network(self) -> FineTuneNet:
         return self.net.cpu().eval()
