@@ -11,7 +11,7 @@ import torch
 from helpers_images import make_class_folder, sha256
 from torch import nn
 
-from pipeline.backbones import REGISTRY, load_backbone
+from pipeline.backbones import load_backbone
 from pipeline.config import FinetuneConfig
 from pipeline.data.images import load_rgb
 from pipeline.data.manifest import Row, read_prepared
@@ -23,7 +23,6 @@ from pipeline.extract.cache import FeatureSet
 from pipeline.finetune.checkpoint import load_finetuned, save_finetuned
 from pipeline.finetune.data import loader, split_validation
 from pipeline.finetune.network import (
-    LAST_STAGE,
     FineTuneNet,
     build_network,
     unfreeze_modules,
@@ -79,8 +78,10 @@ def _fit(net, folder, rows, val_rows=(), log=lambda s: None, **changes):
 
 
 def test_every_backbone_has_a_last_stage_rule_that_trains_a_part():
-    assert set(LAST_STAGE) == set(REGISTRY)
-    for name in REGISTRY:
+    # The rule lives in pipeline/backbones/stages.py (every family: tests/test_catalogue.py);
+    # here the project's first ten names go through unfreeze_modules.
+    for name in ("vgg16", "vgg19", "resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_large",
+                 "efficientnet_b0", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"):
         bb = load_backbone(name, "none")
         net = FineTuneNet(bb.features, nn.Linear(bb.feature_dim, 3))
         counts = {}

@@ -12,10 +12,9 @@ norm keeps its statistics everywhere.
 
 from __future__ import annotations
 
-from typing import Callable
-
 from torch import nn
 
+from pipeline.backbones import last_stage_modules
 from pipeline.config import UNFREEZE
 from pipeline.errors import PipelineError
 from pipeline.heads.model import to_torch_linear
@@ -38,31 +37,6 @@ def build_network(features: nn.Module, head_estimator) -> FineTuneNet:
     return FineTuneNet(features, to_torch_linear(head_estimator))
 
 
-def _vgg_last(m: nn.Module) -> list[nn.Module]:
-    # The last conv block starts after the second-to-last max-pool; fc6 and fc7
-    # sit above it inside the features, so they train too.
-    pools = [i for i, layer in enumerate(m.features) if isinstance(layer, nn.MaxPool2d)]
-    return [m.features[pools[-2] + 1 :], m.classifier]
-
-
-#: ``unfreeze: last``: the last stage of each architecture and every layer with
-#: parameters above it (the last inverted-residual stage and the 1x1 head conv
-#: for the mobile nets, as for timm's ``blocks[-1]`` + ``conv_head`` + ``bn2``).
-LAST_STAGE: dict[str, Callable[[nn.Module], list[nn.Module]]] = {
-    "vgg16": _vgg_last,
-    "vgg19": _vgg_last,
-    "resnet18": lambda m: [m.layer4],
-    "resnet50": lambda m: [m.layer4],
-    "mobilenet_v2": lambda m: [m.features[-2:]],
-    "mobilenet_v3_large": lambda m: [m.features[-2:], m.classifier],
-    "efficientnet_b0": lambda m: [m.features[-2:]],
-    **{
-        f"efficientnet_lite{v}": (lambda m: [m.blocks[-1], m.conv_head, m.bn2])
-        for v in (0, 1, 2)
-    },
-}
-
-
 def unfreeze_modules(net: FineTuneNet, backbone: str, unfreeze: str) -> list[nn.Module]:
     """Set ``requires_grad`` for ``unfreeze`` and return the modules that train.
 
@@ -79,13 +53,8 @@ def unfreeze_modules(net: FineTuneNet, backbone: str, unfreeze: str) -> list[nn.
         parts = []
     elif unfreeze == "all":
         parts = [net.features]
-    elif backbone in LAST_STAGE:
-        parts = LAST_STAGE[backbone](net.features)
     else:
-        raise PipelineError(
-            f"finetune.unfreeze: last has no rule for backbone '{backbone}' (LAST_STAGE in "
-            "pipeline/finetune/network.py); use none or all, or add a rule"
-        )
+        parts = last_stage_modules(backbone, net.features)
     net.requires_grad_(False)
     trainable = [net.head, *parts]
     for m in trainable:
