@@ -139,12 +139,16 @@ class DataConfig(Section):
 class BackboneConfig(Section):
     name: str = "resnet50"
     weights: str = "DEFAULT"
+    # The square input's side in pixels; 0: the weights' own. Published linear
+    # probes sometimes use another (DINOv2: timm's 518 px, the paper's 224 px).
+    input_size: int = 0
 
     def __post_init__(self):
         # The name itself is checked by the registry when the backbone is loaded.
         if not isinstance(self.name, str) or not self.name:
             raise _bad("backbone.name", "a backbone name (python -m pipeline backbones)", self.name)
         object.__setattr__(self, "weights", str(self.weights))
+        _int("backbone", "input_size", self.input_size)
 
 
 @dataclass(frozen=True)
