@@ -43,6 +43,7 @@ def save_finetuned(path, net: FineTuneNet, backbone: Backbone, classes: list[str
         "format": FORMAT,
         "backbone": backbone.name,
         "weights": backbone.weights,
+        "input_size": backbone.input_size,
         "classes": list(classes),
         "transform": backbone.transform_spec.to_dict(),
         "provenance": backbone.provenance(),
@@ -82,8 +83,9 @@ def load_finetuned(path, expected: dict | None = None) -> tuple[FineTuneNet, dic
     """
     path = Path(path)
     info = read_description(path, expected)
-    # The architecture only: every weight comes from the state dict.
-    bb = load_backbone(info["backbone"], "none")
+    # The architecture those weights imply (a ViT's input size, say), nothing read:
+    # every weight comes from the state dict.
+    bb = load_backbone(info["backbone"], info["weights"], info.get("input_size", 0), pretrained=False)
     net = FineTuneNet(bb.features, nn.Linear(bb.feature_dim, len(info["classes"])))
     try:
         # weights_only: a checkpoint is data; never let it run code on load.

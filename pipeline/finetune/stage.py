@@ -29,7 +29,7 @@ def run_finetune(cfg: Config, *, prepared_dir, head_path, out_path, live_dir) ->
     """
     ft = cfg.finetune
     prepared = read_prepared(prepared_dir)
-    bb = load_backbone(cfg.backbone.name, cfg.backbone.weights)
+    bb = load_backbone(cfg.backbone.name, cfg.backbone.weights, cfg.backbone.input_size)
     head = load_head(head_path, {**bb.provenance(), "classes": prepared.classes})
     rows = prepared.split("train")
     if not rows:

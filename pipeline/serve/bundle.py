@@ -137,8 +137,10 @@ class HeadBundle(Bundle):
         """The backbone the head's features came from, loaded on first use and checked."""
         if self._backbone is None:
             recorded = self.provenance
-            weights = _weights_argument(recorded["weights"], self.path.parent.parent)
-            bb = load_backbone(recorded["backbone"], weights)
+            # backbone.input_size, where the model recorded one (its transform records the crop either way).
+            input_size = int(recorded.get("input_size", 0))
+            weights = _weights_argument(recorded["backbone"], recorded["weights"], input_size, self.path.parent.parent)
+            bb = load_backbone(recorded["backbone"], weights, input_size)
             now = bb.provenance()
             if weights != recorded["weights"]:  # the reference was translated; the sha256 still checks the content
                 now["weights"] = recorded["weights"]
@@ -194,18 +196,23 @@ class FinetunedBundle(Bundle):
         return self.net.cpu().eval()
 
 
-def _weights_argument(recorded: str, project: Path) -> str:
+def _weights_argument(name: str, recorded: str, input_size: int, project: Path) -> str:
     """The ``load_backbone`` argument that rebuilds the weights a model recorded.
 
     A relative weights path is relative to the project (the models folder's
-    parent), wherever the scorer runs. Packaged weights are recorded as
-    ``<package>:<file>``; their package holds one file, which ``DEFAULT``
-    loads (and the sha256 check confirms it is the same).
+    parent), wherever the scorer runs. A named weights is recorded as the
+    registry resolved it (``ResNet50_Weights.IMAGENET1K_V2``,
+    ``<package>:<file>``, ``timm/<model>.<tag>``); where that is what
+    ``DEFAULT`` resolves to, ``DEFAULT`` rebuilds it, and the sha256 check
+    confirms the content.
     """
     path = Path(recorded)
     if not path.is_absolute() and (project / path).is_file():
         return str(project / path)
-    if ":" in recorded and not path.exists():
+    if recorded.lower() == "none" or path.exists():
+        return recorded
+    # pretrained=False resolves the name without reading or downloading any weights.
+    if load_backbone(name, "DEFAULT", input_size, pretrained=False).weights == recorded:
         return "DEFAULT"
     return recorded
 
