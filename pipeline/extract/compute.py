@@ -6,23 +6,10 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from pipeline.data.manifest import Row
 from pipeline.data.transform import TransformSpec
 from pipeline.runtime import Runner
-
-#: Below this many new images, ``compile: auto`` stays eager on a CPU, where
-#: compilation costs more than it saves.
-COMPILE_MIN_IMAGES_CPU = 1000
-
-
-def want_compile(setting, device: torch.device, n_images: int) -> bool:
-    """``extract.compile``: ``auto`` compiles on CUDA, or on a CPU from :data:`COMPILE_MIN_IMAGES_CPU` images."""
-    if setting == "auto":
-        return device.type == "cuda" or n_images >= COMPILE_MIN_IMAGES_CPU
-    return bool(setting)
-
 
 @dataclass
 class ExtractResult:
@@ -49,7 +36,11 @@ class Timing:
     compile_seconds: float = 0.0
 
 
-def run_batches(runner: Runner, spec: TransformSpec, batches, timing: Timing):
+#: Eager batches timed before ``compile: auto`` decides (the first one warms up).
+TIMED_BATCHES = 3
+
+
+def run_batches(runner: Runner, spec: TransformSpec, batches, timing: Timing, n_total: int = 0):
     """Push decoded batches through ``runner``.
 
     Yields:
@@ -57,17 +48,24 @@ def run_batches(runner: Runner, spec: TransformSpec, batches, timing: Timing):
         ``rows[i]`` where ``reasons[i] is None``; the first compiled call's time
         is counted as compile time, not compute time.
     """
-    first = True
-    t0 = time.perf_counter()
-    for chunk, x, reasons in batches:
+    first_compiled, done, t0 = True, 0, time.perf_counter()
+    t_timed = None
+    for k, (chunk, x, reasons) in enumerate(batches):
         x = spec.normalize_(x.to(runner.device, non_blocking=True))
         t_call = time.perf_counter()
+        compiled = runner.mode == "compiled"
         f = runner(x).cpu().numpy()
-        if first and runner.mode == "compiled":
+        if compiled and first_compiled:
+            first_compiled = False
             timing.compile_seconds = time.perf_counter() - t_call
             t0 += timing.compile_seconds
-        first = False
+        done += len(chunk)
         timing.seconds = time.perf_counter() - t0
+        if k == 0:
+            t_timed, done_timed = time.perf_counter(), done
+        elif k == TIMED_BATCHES and runner.undecided:
+            per_item = (time.perf_counter() - t_timed) / max(1, done - done_timed)
+            runner.consider_compiling(max(0, n_total - done), per_item)
         yield chunk, f[: len(chunk)], reasons
 
 

@@ -19,7 +19,7 @@ from pipeline.backbones import Backbone
 from pipeline.data.manifest import Row
 from pipeline.extract import decode
 from pipeline.extract.cache import CacheWriter, cache_attrs, check_free_space
-from pipeline.extract.compute import ExtractResult, Timing, good_rows, run_batches, want_compile
+from pipeline.extract.compute import ExtractResult, Timing, good_rows, run_batches
 from pipeline.extract.store import FeatureStore
 from pipeline.fileio import atomic_path, remove_stale_temporaries
 from pipeline.runtime import Precision, Runner, resolve_device, resolve_precision
@@ -52,7 +52,7 @@ def extract_features(
         rows: the manifest's :class:`~pipeline.data.manifest.Row` records.
         device, precision: ``extract.device`` and ``extract.precision`` (see :mod:`pipeline.runtime`).
         decoder: ``extract.decoder`` (see :mod:`pipeline.extract.decode`).
-        compile: ``True``, ``False`` or ``"auto"`` (see :func:`~pipeline.extract.compute.want_compile`).
+        compile: ``True``, ``False`` or ``"auto"`` (see :class:`~pipeline.runtime.Runner`).
         store_dir: folder of the per-image store; ``None`` keeps a temporary
             one beside ``out_path`` only for this call (no reuse).
         flush_every: rows per store shard: a killed run recomputes at most this many.
@@ -75,7 +75,7 @@ def extract_features(
         todo = store.todo(rows)
         timing, failed, mode = Timing(), {}, "-"
         if todo:
-            runner = Runner(backbone.features, dev, prec, want_compile(compile, dev, len(todo)))
+            runner = Runner(backbone.features, dev, prec, compile)
             mode = _compute(runner, backbone, todo, root, store, decoder, batch_size, decode_threads, timing, failed)
         index = store.index()  # now with the rows just computed
         good = [r for r in rows if r.sha256 in index]
@@ -109,7 +109,7 @@ def _compute(runner: Runner, backbone: Backbone, todo: list[Row], root: Path, st
     source = decode.batches(decoder, root, todo, spec, batch_size, decode_threads, runner.device)
     try:
         with tqdm(total=len(todo), unit="img", desc=f"extract {backbone.name}", dynamic_ncols=True) as bar:
-            for chunk, f, reasons in run_batches(runner, spec, source, timing):
+            for chunk, f, reasons in run_batches(runner, spec, source, timing, n_total=len(todo)):
                 ok, bad = good_rows(chunk, f, reasons)
                 for row, why in bad:
                     failed[row.sha256] = why

@@ -32,7 +32,7 @@ from pipeline.data.manifest import Row
 from pipeline.errors import PipelineError
 from pipeline.extract import decode
 from pipeline.extract.cache import cache_attrs
-from pipeline.extract.compute import ExtractResult, Timing, run_batches, want_compile
+from pipeline.extract.compute import ExtractResult, Timing, run_batches
 from pipeline.extract.local import store_key, write_from_store
 from pipeline.extract.store import FeatureStore
 from pipeline.fileio import remove_stale_temporaries
@@ -64,10 +64,10 @@ class _ExtractWorker:
     ``reason`` ("" or why the image was skipped) and ``worker`` (this actor's id).
     """
 
-    def __init__(self, *, backbone_name, weights, provenance, root, batch_size, decoder, decode_threads,
-                 compile_, device, precision, torch_threads):
+    def __init__(self, *, backbone_name, weights, input_size, provenance, root, batch_size, decoder, decode_threads,
+                 compile_, device, precision, torch_threads, expected_images):
         torch.set_num_threads(max(1, int(torch_threads)))
-        self.bb = load_backbone(backbone_name, weights)
+        self.bb = load_backbone(backbone_name, weights, input_size)
         found = self.bb.provenance()
         for key, want in provenance.items():
             if found.get(key) != want:
@@ -79,6 +79,7 @@ class _ExtractWorker:
         self.decode_threads = decode_threads
         dev = torch.device(device)
         self.runner = Runner(self.bb.features, dev, resolve_precision(precision, dev, "extract.precision"), compile_)
+        self.left = expected_images  # this actor's expected share, for compile: auto
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
     def __call__(self, batch: dict) -> dict:
@@ -90,13 +91,14 @@ class _ExtractWorker:
                                 self.runner.device)
         try:
             pos = 0
-            for chunk, f, why in run_batches(self.runner, spec, source, Timing()):
+            for chunk, f, why in run_batches(self.runner, spec, source, Timing(), n_total=self.left):
                 for j in range(len(chunk)):
                     if why[j] is None:
                         feats[pos + j] = f[j]
                     else:
                         reasons[pos + j] = why[j]
                 pos += len(chunk)
+                self.left -= len(chunk)
         finally:
             source.close()
         return {
@@ -125,7 +127,7 @@ def _take(out: dict, rows: list[Row], store: FeatureStore, done: set, failed: di
 
 
 def extract_with_ray(
-    *, backbone_name: str, weights: str, root, rows: list[Row], classes: list[str], out_path,
+    *, backbone_name: str, weights: str, input_size: int = 0, root, rows: list[Row], classes: list[str], out_path,
     store_dir, address: str = "", num_gpus_per_worker: float = 0, concurrency: int = 2, batch_size: int = 32,
     num_cpus: int | None = None, num_cpus_per_worker: float = 1, decoder: str = "auto", decode_threads: int = 1,
     compile: str | bool = "auto", precision: str = "fp32", flush_every: int = 256, rows_per_task: int | None = None,
@@ -152,7 +154,7 @@ def extract_with_ray(
         raise PipelineError(f"num_cpus_per_worker must be a positive number, found {num_cpus_per_worker!r}")
     t_start = time.perf_counter()
     out_path, root = Path(out_path), Path(root)
-    bb = load_backbone(backbone_name, weights)  # the driver's copy: provenance, width, early errors
+    bb = load_backbone(backbone_name, weights, input_size)  # the driver's copy: provenance, width, early errors
     device = torch.device("cuda" if num_gpus_per_worker > 0 else "cpu")
     decoder = decode.resolve_decoder(decoder, device)
     prec = resolve_precision(precision, device, "extract.precision")
@@ -165,10 +167,10 @@ def extract_with_ray(
     try:
         if todo:
             settings = dict(
-                backbone_name=bb.name, weights=weights, provenance=bb.provenance(), root=str(root),
+                backbone_name=bb.name, weights=weights, input_size=input_size, provenance=bb.provenance(), root=str(root),
                 batch_size=batch_size, decoder=decoder, decode_threads=decode_threads, device=device.type,
-                compile_=want_compile(compile, device, len(todo) // concurrency), precision=prec.name,
-                torch_threads=num_cpus_per_worker,
+                compile_=compile, precision=prec.name, torch_threads=num_cpus_per_worker,
+                expected_images=-(-len(todo) // concurrency),
             )
             _compute(ray, todo, rows, settings, lambda out: _take(out, rows, store, done, failed),
                      address=address, num_cpus=num_cpus, num_cpus_per_worker=num_cpus_per_worker,

@@ -14,7 +14,7 @@ from pipeline.extract.compute import ExtractResult
 from pipeline.extract.local import extract_features
 from pipeline.extract.ray_executor import extract_with_ray
 from pipeline.fileio import write_json
-from pipeline.runtime import resolve_device, resolve_precision
+from pipeline.runtime import resolve_device, resolve_precision, use_compile_cache
 
 
 def run_extract(*, backbone: BackboneConfig, extract: ExtractConfig, prepared_dir="data/prepared",
@@ -26,6 +26,7 @@ def run_extract(*, backbone: BackboneConfig, extract: ExtractConfig, prepared_di
             reported wall time counts start-up too (defaults to this call's start).
     """
     t0 = time.perf_counter() if t_process is None else t_process
+    use_compile_cache(Path(extract.store or "data/cache/features").parent / "inductor")
     prepared = read_prepared(prepared_dir)
     out = features_path(out_dir, backbone.name)
     e = extract
@@ -34,14 +35,15 @@ def run_extract(*, backbone: BackboneConfig, extract: ExtractConfig, prepared_di
         print(f"extract: {len(prepared.rows)} images through {backbone.name} on Ray "
               f"({r.address or 'local instance'}, {r.concurrency} actors) -> {out}", flush=True)
         res = extract_with_ray(
-            backbone_name=backbone.name, weights=backbone.weights, root=prepared.root, rows=prepared.rows,
+            backbone_name=backbone.name, weights=backbone.weights, input_size=backbone.input_size,
+            root=prepared.root, rows=prepared.rows,
             classes=prepared.classes, out_path=out, store_dir=e.store or None, address=r.address,
             num_gpus_per_worker=r.num_gpus_per_worker, concurrency=r.concurrency, batch_size=e.batch_size,
             decoder=e.decoder, decode_threads=e.decode_threads, compile=e.compile, precision=e.precision,
             flush_every=e.flush_every,
         )
     else:
-        bb = load_backbone(backbone.name, backbone.weights)
+        bb = load_backbone(backbone.name, backbone.weights, backbone.input_size)
         dev = resolve_device(e.device, "extract.device")
         prec = resolve_precision(e.precision, dev, "extract.precision")
         print(f"extract: {len(prepared.rows)} images through {backbone.name} ({bb.weights}) on {dev}, "
