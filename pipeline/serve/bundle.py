@@ -141,10 +141,10 @@ class HeadBundle(Bundle):
             input_size = int(recorded.get("input_size", 0))
             weights = _weights_argument(recorded["backbone"], recorded["weights"], input_size, self.path.parent.parent)
             bb = load_backbone(recorded["backbone"], weights, input_size)
-            now = bb.provenance()
+            now = {k: bb.provenance()[k] for k in BACKBONE_KEYS}
             if weights != recorded["weights"]:  # the reference was translated; the sha256 still checks the content
                 now["weights"] = recorded["weights"]
-            check_provenance({k: recorded[k] for k in BACKBONE_KEYS}, now, f"head {self.path}")
+            check_provenance(recorded, now, f"head {self.path}")
             self._backbone = bb
         return self._backbone
 
