@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from pipeline.backbones import load_backbone
+from pipeline.bench_process import report, whole_process
 from pipeline.data.images import load_rgb
 from pipeline.data.manifest import Row
 from pipeline.extract.cache import open_cache
@@ -105,24 +106,23 @@ def bench_extract(folder, backbone, weights="DEFAULT", batch_size=32, device="au
     k = min(n, 4 * batch_size)
     xs = torch.stack([tfm(load_rgb(folder / r.path)) for r in rows[:k]]).to(dev)
     batches = [xs[s : s + batch_size] for s in range(0, k - batch_size + 1, batch_size)] or [xs]
-    model = bb.features.to(dev).eval()
+    model = bb.features.to(dev).eval().to(memory_format=torch.channels_last)
+    cl = [b.contiguous(memory_format=torch.channels_last) for b in batches]
     ceil: dict = {}
-    with prec.autocast(dev):
-        ceil["eager"] = _model_only(model, batches, dev)
-        cl = [b.contiguous(memory_format=torch.channels_last) for b in batches]
-        model = model.to(memory_format=torch.channels_last)
-        ceil["channels_last"] = _model_only(model, cl, dev)
-        t = time.perf_counter()
-        compiled = torch.compile(model, dynamic=False)
-        with torch.inference_mode():
-            compiled(cl[0])
-        compile_s = time.perf_counter() - t
-        ceil["compiled"] = _model_only(compiled, cl, dev, repeat=2)
-    print(
-        f"  model only (batches in memory): eager {ceil['eager']:.1f}, channels_last {ceil['channels_last']:.1f}, "
-        f"compiled {ceil['compiled']:.1f} images/s (compile {compile_s:.1f} s)",
-        flush=True,
-    )
+    for name in ("fp32", "bf16"):
+        p = resolve_precision(name, dev, "--precision")
+        with p.autocast(dev):
+            ceil[f"{name}_eager"] = _model_only(model, cl, dev)
+            t = time.perf_counter()
+            compiled = torch.compile(model, dynamic=False)
+            with torch.inference_mode():
+                compiled(cl[0])
+            compile_s = time.perf_counter() - t
+            ceil[f"{name}_compiled"] = _model_only(compiled, cl, dev, repeat=2)
+        print(f"  model only ({name}, batches in memory, channels_last): eager {ceil[f'{name}_eager']:.1f}, "
+              f"compiled {ceil[f'{name}_compiled']:.1f} images/s (compile {compile_s:.1f} s)",
+              flush=True)
+        torch._dynamo.reset()
     out.update({f"ceiling_{k}": v for k, v in ceil.items()})
     best_ceiling = max(ceil.values())
     best_e2e = max(out["e2e_eager"], out.get("e2e_compiled", 0.0))
@@ -291,6 +291,8 @@ def main(argv=None) -> None:
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the straightforward loop")
     p.add_argument("--limit", type=int, default=None, help="use only the first N images")
     p.add_argument("--baseline", action="store_true", help="also time the straightforward loop")
+    p.add_argument("--whole-process", action="store_true",
+                   help="also time the stage and the lesson loop as whole processes (start to exit)")
     d = sub.add_parser("draft", help="effect of reduced-scale JPEG decoding on accuracy")
     d.add_argument("--folder", required=True)
     d.add_argument("--backbone", required=True)
@@ -309,8 +311,15 @@ def main(argv=None) -> None:
     if a.what == "draft":
         bench_draft(a.folder, a.backbone, a.weights, a.upscale)
         return
-    bench_extract(a.folder, a.backbone, a.weights, a.batch_size, a.device, a.baseline, a.limit,
-                  a.decode_threads, a.decoder, a.workers, a.precision)
+    if a.whole_process:
+        r = whole_process(a.folder, a.backbone, a.weights, a.precision, a.decoder, lesson=a.baseline)
+        print(report(r, a.backbone), flush=True)
+    out = bench_extract(a.folder, a.backbone, a.weights, a.batch_size, a.device, a.baseline, a.limit,
+                        a.decode_threads, a.decoder, a.workers, a.precision)
+    if a.whole_process:
+        best = max(v for k, v in out.items() if k.startswith("ceiling_"))
+        print(f"  whole process (warm) / best model-only ceiling: "
+              f"{100 * r['images'] / r['stage_warm_s'] / best:.0f}%", flush=True)
 
 
 if __name__ == "__main__":

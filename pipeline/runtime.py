@@ -108,6 +108,16 @@ def compile_cache_warm() -> bool:
     return bool(folder) and any((Path(folder) / "fxgraph").rglob("*")) if folder else False
 
 
+def process_age() -> float | None:
+    """Seconds since this process started (Linux; ``None`` elsewhere): start-up as a user meets it."""
+    try:
+        start_ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
+        uptime = float(open("/proc/uptime").read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+
+
 class Runner:
     """A module in inference: on its device, channels_last, optionally compiled.
 

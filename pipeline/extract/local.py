@@ -22,7 +22,7 @@ from pipeline.extract.cache import CacheWriter, cache_attrs, check_free_space
 from pipeline.extract.compute import ExtractResult, Timing, good_rows, run_batches
 from pipeline.extract.store import FeatureStore
 from pipeline.fileio import atomic_path, remove_stale_temporaries
-from pipeline.runtime import Precision, Runner, resolve_device, resolve_precision
+from pipeline.runtime import Precision, Runner, process_age, resolve_device, resolve_precision
 
 
 def store_key(backbone: Backbone, decoder: str, precision: Precision) -> dict:
@@ -110,6 +110,8 @@ def _compute(runner: Runner, backbone: Backbone, todo: list[Row], root: Path, st
     try:
         with tqdm(total=len(todo), unit="img", desc=f"extract {backbone.name}", dynamic_ncols=True) as bar:
             for chunk, f, reasons in run_batches(runner, spec, source, timing, n_total=len(todo)):
+                if bar.n == 0 and (age := process_age()) is not None:
+                    tqdm.write(f"extract: first batch after {age:.1f} s")
                 ok, bad = good_rows(chunk, f, reasons)
                 for row, why in bad:
                     failed[row.sha256] = why

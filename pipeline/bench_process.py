@@ -1,0 +1,133 @@
+"""Whole-process timings: what a user waits for, from process start to exit.
+
+``python -m pipeline.bench extract --whole-process`` runs, in one sitting on
+the same photos:
+
+- the ``extract`` stage as a subprocess (``python -m stages.extract`` in a
+  scratch project) with an empty feature store, twice: first with an empty
+  compile cache (a machine's first run), then with the compile cache that run
+  left (a user's usual run);
+- the lesson's loop as a subprocess: ImageFolder + DataLoader (2 workers), the
+  weights' transform, fp32 under ``no_grad``.
+
+Both count imports, model loading, compilation and writing. ``make_set``
+builds a larger set of distinct files from a few photos (re-encoded, flipped,
+cropped, rescaled), since the stage computes identical files only once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import yaml
+from PIL import Image, ImageOps
+
+from pipeline.data.sources import prepare
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: The variants make_set writes of each photo: every one is a different file.
+VARIANTS = (
+    ("q90", lambda im: im),
+    ("flip", ImageOps.mirror),
+    ("crop", lambda im: im.crop((im.width // 10, im.height // 10, im.width, im.height))),
+    ("small", lambda im: im.resize((im.width * 4 // 5, im.height * 4 // 5), Image.BICUBIC)),
+    ("q75", lambda im: im),
+    ("flipcrop", lambda im: ImageOps.mirror(im).crop((0, 0, im.width * 9 // 10, im.height * 9 // 10))),
+)
+
+
+def make_set(sources: list[Path], dest: Path, copies: int = len(VARIANTS)) -> int:
+    """Write ``copies`` distinct JPEG variants of every ``<class>/<image>`` of ``sources`` into ``dest``."""
+    n = 0
+    for src in sources:
+        for f in sorted(p for p in Path(src).rglob("*") if p.is_file()):
+            cls = f.parent.name
+            (dest / cls).mkdir(parents=True, exist_ok=True)
+            with Image.open(f) as im:
+                im = im.convert("RGB")
+                for name, change in VARIANTS[:copies]:
+                    change(im).save(dest / cls / f"{f.stem}_{name}.jpg", quality=75 if "75" in name else 90)
+                    n += 1
+    return n
+
+
+LESSON_LOOP = textwrap.dedent(
+    """
+    import sys, time
+    import torch
+    from pipeline.backbones import load_backbone
+    from pipeline.bench import straightforward_loader
+    bb = load_backbone(sys.argv[2], sys.argv[3])
+    ds, loader = straightforward_loader(sys.argv[1], bb.transform_spec, batch_size=32, workers=2)
+    model = bb.features.eval()
+    n = 0
+    with torch.no_grad():
+        for x, _ in loader:
+            n += model(x).shape[0]
+    print(n)
+    """
+)
+
+
+def _timed(cmd, cwd, env) -> tuple[float, str]:
+    t = time.perf_counter()
+    res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if res.returncode:
+        raise RuntimeError(f"{' '.join(map(str, cmd))} failed:\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}")
+    return time.perf_counter() - t, res.stdout + res.stderr
+
+
+def whole_process(folder, backbone: str, weights: str = "DEFAULT", precision: str = "auto",
+                  decoder: str = "auto", compile="auto", lesson: bool = True) -> dict:
+    """Time the stage (cold and warm compile cache) and the lesson's loop as whole processes."""
+    folder = Path(folder).resolve()
+    out: dict = {}
+    with tempfile.TemporaryDirectory(prefix="bench-process-") as tmp:
+        tmp = Path(tmp)
+        prepare(source="folder", folder=folder, out_dir=tmp / "data/prepared", test_fraction=0.2)
+        params = {"backbone": {"name": backbone, "weights": weights},
+                  "extract": {"precision": precision, "decoder": decoder, "compile": compile,
+                              "store": str(tmp / "store")}}
+        (tmp / "params.yaml").write_text(yaml.safe_dump(params))
+        env = dict(os.environ, PYTHONPATH=str(ROOT), TORCHINDUCTOR_CACHE_DIR=str(tmp / "inductor"))
+        for run in ("cold", "warm"):
+            seconds, log = _timed([sys.executable, "-m", "stages.extract"], tmp, env)
+            stats = json.loads((tmp / "reports/extract.json").read_text())["extract"]
+            out[f"stage_{run}_s"] = seconds
+            out["images"] = stats["images"]
+            out[f"first_batch_{run}_s"] = _first_batch(log)
+            out[f"stage_{run}_log"] = [line for line in log.splitlines() if line.startswith("extract:")]
+            (tmp / "store").rename(tmp / f"store-{run}")  # the next run starts with an empty store
+        if lesson:
+            out["lesson_s"], _ = _timed([sys.executable, "-c", LESSON_LOOP, str(folder), backbone, weights],
+                                        tmp, env)
+    return out
+
+
+def _first_batch(log: str) -> float | None:
+    for line in log.splitlines():
+        if "first batch" in line:
+            return float(line.split("first batch after ")[1].split(" s")[0])
+    return None
+
+
+def report(r: dict, backbone: str) -> str:
+    n = r["images"]
+    lines = [f"whole process, {backbone}, {n} images (process start to exit):",
+             f"  stage, empty store, cold compile cache: {r['stage_cold_s']:6.1f} s ({n / r['stage_cold_s']:.1f} img/s)"
+             f", first batch after {r['first_batch_cold_s']} s",
+             f"  stage, empty store, warm compile cache: {r['stage_warm_s']:6.1f} s ({n / r['stage_warm_s']:.1f} img/s)"
+             f", first batch after {r['first_batch_warm_s']} s"]
+    if "lesson_s" in r:
+        lines.append(f"  lesson loop (ImageFolder + DataLoader, 2 workers, fp32): {r['lesson_s']:6.1f} s "
+                     f"({n / r['lesson_s']:.1f} img/s)")
+        lines.append(f"  stage (warm) vs lesson loop: {r['lesson_s'] / r['stage_warm_s']:.2f}x")
+    return "\n".join(lines)
