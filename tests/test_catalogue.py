@@ -208,11 +208,17 @@ def test_show_reports_width_params_and_flops(capsys):
     out = capsys.readouterr().out
     w = tvm.ResNet18_Weights.DEFAULT
     assert "512-d" in out and "ResNet18_Weights.IMAGENET1K_V1" in out and "resnet18-f37072fd.pth" in out
-    gflops = float(out.split("GFLOPs")[1].split()[0])
     # torchvision's table counts multiply-adds; FlopCounterMode counts each as 2 FLOPs.
-    assert gflops == pytest.approx(2 * w.meta["_ops"], rel=0.02)
+    assert _gflops(out) == pytest.approx(2 * w.meta["_ops"], rel=0.02)
     params = float(out.split("parameters")[1].split("M")[0])
     assert params == pytest.approx((w.meta["num_params"] - 513_000) / 1e6, abs=0.01)
+    # Attention counts too (torch's fused attention op has no FLOP formula).
+    main(["backbones", "--show", "vit_b_32"])
+    assert _gflops(capsys.readouterr().out) == pytest.approx(2 * tvm.ViT_B_32_Weights.DEFAULT.meta["_ops"], rel=0.02)
+
+
+def _gflops(shown: str) -> float:
+    return float(shown.split("GFLOPs")[1].split()[0])
 
 
 def test_catalogue_specs_are_torchvision_or_packaged():

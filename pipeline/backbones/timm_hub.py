@@ -104,7 +104,7 @@ class TimmSpec(BackboneSpec):
             model.reset_classifier(0)  # keeps the model's own pooling; only the final layer goes
         dim = int(getattr(model, "head_hidden_size", None) or model.num_features)
         return Backbone(
-            self.name, frozen(model), classifier and frozen(classifier), dim,
+            self.name, frozen(model), None if classifier is None else frozen(classifier), dim,
             self.transform_for(weights, input_size), resolved, sha, input_size, source,
         )
 

@@ -117,6 +117,8 @@ class TorchvisionSpec(BackboneSpec):
             with seeded():
                 model = tvm.get_model(self.name, weights=None, **kwargs)
         except (ValueError, AssertionError, RuntimeError) as e:
+            if not input_size:
+                raise  # at the weights' own size a failure is a bug, not a user's choice
             raise _size_error(self.name, input_size, e) from None
         return model
 
@@ -125,22 +127,23 @@ class TorchvisionSpec(BackboneSpec):
         input_size = check_input_size(input_size, self.name)
         w = self._member(weights)
         sha, source = "", "random initialisation (seed 0)"
+        # Without weights to read (none, or only the architecture a named weights implies) ...
         if weights.lower() == "none" or (not pretrained and not looks_like_path(weights)):
             model = self.architecture(w, input_size)
             resolved = "none" if weights.lower() == "none" else _label(w)
-        elif looks_like_path(weights):
+        elif looks_like_path(weights):  # ... a local file of the whole network ...
             path = Path(weights).expanduser()
             model = self.architecture(w, input_size)
             if pretrained:
                 sha, source = load_file(model, path, self.name), str(path)
             resolved = weights
-        else:
+        else:  # ... or the named weights, from torch's hub cache.
             file = fetch(w, self.name)
             sha, source, resolved = sha256_file(file), w.url, _label(w)
             model = self._pretrained(w, input_size)
         features, classifier, dim = split_at_classifier(model, trained_head=w.meta.get("categories") is not None)
         return Backbone(
-            self.name, frozen(features), classifier and frozen(classifier), dim,
+            self.name, frozen(features), None if classifier is None else frozen(classifier), dim,
             _transform(w, input_size), resolved, sha, input_size, source,
         )
 
