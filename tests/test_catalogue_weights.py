@@ -6,6 +6,9 @@ temporary folders and the network calls fail at once.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import urllib.error
 
 import huggingface_hub
@@ -74,13 +77,19 @@ def test_a_torchvision_file_placed_in_the_cache_is_used(torch_home):
         torch.testing.assert_close(arch.features(x), bb.features(x))
 
 
-def test_missing_timm_file_names_model_file_folder_and_remedy(hf_offline):
-    with pytest.raises(PipelineError) as e:
-        load_backbone(DINO, "DEFAULT", 224)
-    msg = str(e.value)
-    assert DINO in msg and "model.safetensors" in msg and str(hf_offline) in msg
+def test_missing_timm_file_names_model_file_folder_and_remedy(tmp_path):
+    """As a user meets it: HF_HUB_OFFLINE=1 and an empty HF_HOME, read when the process starts."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    env.pop("HF_HUB_CACHE", None)
+    code = ("from pipeline.backbones import load_backbone; from pipeline.cli import run_stage; "
+            f"run_stage(lambda: load_backbone({DINO!r}, 'DEFAULT', 224))")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1, res.stderr[-2000:]
+    msg = res.stderr.strip().splitlines()[-1]
+    cache = tmp_path / "hf" / "hub"
+    assert msg.startswith("error: ") and DINO in msg and "model.safetensors" in msg and str(cache) in msg
     assert "models--timm--vit_small_patch14_dinov2.lvd142m" in msg and "hf download" in msg
-    assert "backbone.weights" in msg and "\n" not in msg
+    assert "(offline)" in msg and "backbone.weights" in msg
 
 
 def test_a_timm_weights_file_is_used_at_another_input_size(tmp_path, hf_offline):
