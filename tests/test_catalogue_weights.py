@@ -114,5 +114,7 @@ def test_timm_names_and_weights_are_checked():
         load_backbone("timm/vit_small_patch14_dinov3.lvd142m", "none")
     with pytest.raises(PipelineError, match=r"unknown weights 'IMAGENET1K_V1' for timm/.*accepted: DEFAULT, lvd142m"):
         load_backbone(DINO, "IMAGENET1K_V1")
+    with pytest.raises(PipelineError, match=r"convnext_base.fb_in22k_ft_in1k_384 preprocesses with squash crops"):
+        load_backbone("timm/convnext_base.fb_in22k_ft_in1k_384", "none")
     # No tag: timm's default tag, which the weights label records.
     assert get_spec("timm/convnext_tiny").model == "convnext_tiny.in12k_ft_in1k"

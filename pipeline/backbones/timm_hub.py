@@ -83,6 +83,7 @@ class TimmSpec(BackboneSpec):
     def load(self, weights: str = "DEFAULT", input_size: int = 0, pretrained: bool = True) -> Backbone:
         weights = str(weights).strip()
         input_size = check_input_size(input_size, self.name)
+        transform = self.transform_for(weights, input_size)  # refuses crops this project cannot make, first
         file, resolved, source = None, "none", "random initialisation (seed 0)"
         if looks_like_path(weights):
             resolved = source = weights
@@ -105,7 +106,7 @@ class TimmSpec(BackboneSpec):
         dim = int(getattr(model, "head_hidden_size", None) or model.num_features)
         return Backbone(
             self.name, frozen(model), None if classifier is None else frozen(classifier), dim,
-            self.transform_for(weights, input_size), resolved, sha, input_size, source,
+            transform, resolved, sha, input_size, source,
         )
 
     def architecture(self, input_size: int = 0, file: Path | None = None) -> nn.Module:
