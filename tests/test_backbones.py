@@ -111,3 +111,21 @@ def test_random_init_is_the_same_network_every_time():
     a, b = load_backbone("resnet18", "none"), load_backbone("resnet18", "none")
     for (k, va), vb in zip(a.features.state_dict().items(), b.features.state_dict().values()):
         assert torch.equal(va, vb), k
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "resnet50", "timm/vit_small_patch14_dinov2.lvd142m"])
+def test_recorded_weights_label_is_accepted_back(name):
+    """A model rebuilds its backbone from what it recorded (the bundle reads no params.yaml)."""
+    recorded = load_backbone(name, "DEFAULT", pretrained=False).weights
+    again = load_backbone(name, recorded, pretrained=False)
+    assert again.weights == recorded and recorded != "DEFAULT"
+
+
+def test_provenance_names_an_input_size_only_when_one_is_asked_for():
+    assert "input_size" not in load_backbone("resnet18", "none").provenance()
+    assert load_backbone("resnet18", "none", 160).provenance()["input_size"] == 160
+
+
+def test_unknown_name_error_names_the_params_key_given():
+    with pytest.raises(PipelineError, match=r"unknown backbone 'resnet5' \(visualize.judge\)"):
+        load_backbone("resnet5", key="visualize.judge")

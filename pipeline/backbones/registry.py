@@ -43,7 +43,8 @@ class Catalogue(Mapping):
 REGISTRY = Catalogue()
 
 
-def get_spec(name: str) -> BackboneSpec:
+def get_spec(name: str, key: str = "backbone.name") -> BackboneSpec:
+    """The spec of ``name``; an unknown name is a one-line error naming the params ``key``."""
     try:
         return REGISTRY[name]
     except KeyError:
@@ -52,19 +53,20 @@ def get_spec(name: str) -> BackboneSpec:
         close = difflib.get_close_matches(name[len(PREFIX):], pretrained_names(), n=3)
         hint = f"; did you mean {', '.join(PREFIX + c for c in close)}" if close else ""
         raise PipelineError(
-            f"unknown timm backbone '{name}' (backbone.name){hint}; python -m pipeline backbones "
+            f"unknown timm backbone '{name}' ({key}){hint}; python -m pipeline backbones "
             f"--timm '*{name[len(PREFIX):].split('.')[0]}*' lists the names with weights"
         )
     close = difflib.get_close_matches(str(name), list(REGISTRY), n=3)
     hint = f"did you mean {', '.join(close)}? " if close else ""
     raise PipelineError(
-        f"unknown backbone '{name}' (backbone.name); {hint}accepted: a torchvision model name "
+        f"unknown backbone '{name}' ({key}); {hint}accepted: a torchvision model name "
         f"({len(REGISTRY) - len(LITE)} with ImageNet weights, e.g. resnet50, convnext_tiny, vit_b_16), "
         f"{', '.join(LITE)}, or timm/<model>.<tag>; python -m pipeline backbones lists them"
     )
 
 
-def load_backbone(name: str, weights: str = "DEFAULT", input_size: int = 0, *, pretrained: bool = True) -> Backbone:
+def load_backbone(name: str, weights: str = "DEFAULT", input_size: int = 0, *, pretrained: bool = True,
+                  key: str = "backbone.name") -> Backbone:
     """Build a registry backbone with its weights, in eval mode, frozen.
 
     Args:
@@ -78,6 +80,7 @@ def load_backbone(name: str, weights: str = "DEFAULT", input_size: int = 0, *, p
             the weights' own.
         pretrained: False builds the architecture the weights imply without
             reading or downloading them (to load a fine-tuned state into).
+        key: the params key named when ``name`` is unknown (``visualize.judge``).
 
     Raises:
         PipelineError: unknown name or weights, unreadable file, failed download.
@@ -87,4 +90,4 @@ def load_backbone(name: str, weights: str = "DEFAULT", input_size: int = 0, *, p
         >>> bb.features(bb.transform(image)[None]).shape       # doctest: +SKIP
         torch.Size([1, 1280])
     """
-    return get_spec(name).load(weights, input_size, pretrained)
+    return get_spec(name, key).load(weights, input_size, pretrained)

@@ -85,12 +85,13 @@ class TimmSpec(BackboneSpec):
         input_size = check_input_size(input_size, self.name)
         transform = self.transform_for(weights, input_size)  # refuses crops this project cannot make, first
         file, resolved, source = None, "none", "random initialisation (seed 0)"
-        if looks_like_path(weights):
-            resolved = source = weights
-            file = Path(weights).expanduser() if pretrained else None
-        elif weights.upper() in ("DEFAULT", self.cfg.tag.upper()):
+        # The label a cache or model recorded (timm/<model>.<tag>) names these weights too.
+        if weights.upper() in ("DEFAULT", self.cfg.tag.upper()) or weights == PREFIX + self.model:
             resolved, source = PREFIX + self.model, f"https://huggingface.co/{self.cfg.hf_hub_id}"
             file = self.hub_file() if pretrained else None
+        elif looks_like_path(weights):
+            resolved = source = weights
+            file = Path(weights).expanduser() if pretrained else None
         elif weights.lower() != "none":
             raise unknown_weights(self.name, weights, [*self.weights_choices(), self.cfg.tag])
         sha = ""
