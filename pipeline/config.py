@@ -223,9 +223,10 @@ class HeadsConfig:
     out_of_core: bool = False
     chunk_rows: int = 65536
     epochs: int = 10
+    backbones: Any = ()  # more backbones whose features are concatenated after backbone.name's
     per_head: dict = field(default_factory=dict)  # name -> HeadConfig
 
-    SHARED = ("cv_folds", "seed", "out_of_core", "chunk_rows", "epochs")
+    SHARED = ("cv_folds", "seed", "out_of_core", "chunk_rows", "epochs", "backbones")
 
     @classmethod
     def from_mapping(cls, given, where="heads", source="params.yaml"):
@@ -250,6 +251,14 @@ class HeadsConfig:
         if not _is_int(self.chunk_rows) or self.chunk_rows < 1:
             raise _bad("heads.chunk_rows", "a positive integer (rows per read)", self.chunk_rows)
         _int("heads", "epochs", self.epochs, lo=1)
+        extra = self.backbones if isinstance(self.backbones, (list, tuple)) else None
+        if extra is None or not all(isinstance(b, str) and b for b in extra) or len(set(extra)) != len(extra):
+            raise _bad("heads.backbones", "a list of distinct backbone names (python -m pipeline backbones)",
+                       self.backbones)
+        object.__setattr__(self, "backbones", tuple(extra))
+        if self.out_of_core and extra:
+            raise PipelineError("heads.out_of_core streams one cache; with heads.backbones set, keep "
+                                "heads.out_of_core: false (the concatenated features are read into memory)")
         if not self.per_head:
             object.__setattr__(self, "per_head", {n: HeadConfig().check(n) for n in HEADS})
 

@@ -26,7 +26,7 @@ from sklearn.metrics import (
 from pipeline.config import Config
 from pipeline.data.manifest import Row, read_prepared
 from pipeline.errors import PipelineError
-from pipeline.extract.cache import CHECKED_ATTRS, features_path, open_cache
+from pipeline.extract.cache import CHECKED_ATTRS, head_features_paths, open_cache
 from pipeline.fileio import write_csv, write_json
 from pipeline.heads.model import scores
 from pipeline.runtime import resolve_device
@@ -110,12 +110,12 @@ def run_evaluate(cfg: Config, *, features_dir, models_dir, reports_dir, prepared
         >>> run_evaluate(load_config(), features_dir="data/features", models_dir="models",
         ...              reports_dir="reports", prepared_dir="data/prepared")   # doctest: +SKIP
     """
-    features_file = features_path(features_dir, cfg.backbone.name)
+    features_file = head_features_paths(features_dir, cfg.backbone.name, cfg.heads.backbones)
     streamed = cfg.heads.out_of_core  # features stay on disk, read chunk_rows rows at a time
     fs = open_cache(features_file, stream=streamed, chunk_rows=cfg.heads.chunk_rows)
     X, y = (None, fs.labels_of("test")) if streamed else fs.subset("test")
     if len(y) == 0:
-        raise PipelineError(f"{features_file} has no test rows; check the prepare stage's split")
+        raise PipelineError(f"{features_file[0]} has no test rows; check the prepare stage's split")
     made_with = {k: fs.attrs[k] for k in CHECKED_ATTRS}
     reports = Path(reports_dir)
     metrics, per_class = {}, []
@@ -126,7 +126,7 @@ def run_evaluate(cfg: Config, *, features_dir, models_dir, reports_dir, prepared
             expected = {k: made_with[k] for k in BACKBONE_KEYS}
             bundle = load_bundle(models_dir, name, {**expected, "classes": fs.classes})
             bundle.to(resolve_device(cfg.finetune.device, "finetune.device"))
-            s = image_scores(bundle, *manifest_rows(fs, features_file, prepared_dir))
+            s = image_scores(bundle, *manifest_rows(fs, features_file[0], prepared_dir))
             pred = s.argmax(1)
         else:
             bundle = load_bundle(models_dir, name, {**made_with, "classes": fs.classes})

@@ -4,7 +4,7 @@ import sys
 
 from pipeline.cli import run_stage
 from pipeline.config import load_config
-from pipeline.extract.cache import features_path
+from pipeline.extract.cache import head_features_paths
 from pipeline.heads.registry import HEADS, check_head
 from pipeline.heads.train import train_head
 
@@ -17,7 +17,7 @@ def main():
     heads, head = cfg.heads, cfg.heads.head(name)
     train_head(
         name=name,
-        features_file=features_path("data/features", cfg.backbone.name),
+        features_file=head_features_paths("data/features", cfg.backbone.name, heads.backbones),
         models_dir="models",
         C=list(head.C),
         max_iter=head.max_iter,

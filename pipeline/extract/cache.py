@@ -54,8 +54,23 @@ SCHEMA = {
 }
 
 def features_path(out_dir: str | Path, backbone: str) -> Path:
-    """``data/features/<backbone>.h5``, with a flat, safe file name for any registry name."""
-    return Path(out_dir) / f"{file_stem(backbone)}.h5"
+    """``data/features/<backbone>.h5``: the path dvc.yaml names, ``data/features/${backbone.name}.h5``.
+
+    dvc.yaml cannot transform a name, so a ``timm/<model>.<tag>`` name gives a
+    ``timm/`` sub-folder rather than a flattened file name; each part of the
+    name must itself be a safe file name (no ``..``, no separators of another
+    kind), which registry names are.
+    """
+    parts = backbone.split("/")
+    if any(p in ("", ".", "..") or file_stem(p) != p for p in parts):
+        raise PipelineError(f"backbone name {backbone!r} cannot name a cache file; "
+                            "use a registry name (python -m pipeline backbones)")
+    return Path(out_dir, *parts[:-1]) / f"{parts[-1]}.h5"
+
+
+def head_features_paths(out_dir: str | Path, backbone: str, extra=()) -> list[Path]:
+    """The caches a head reads: ``backbone``'s, then each of ``heads.backbones`` (under ``extra/``)."""
+    return [features_path(out_dir, backbone)] + [features_path(Path(out_dir) / "extra", b) for b in extra]
 
 
 def cache_attrs(provenance: dict, classes, decoder: str, precision: str, feature_dim: int) -> dict:
@@ -268,9 +283,12 @@ class StreamedFeatures:
         return np.concatenate(ys), np.concatenate(preds), np.concatenate(ss)
 
 
-def open_cache(path: str | Path, expected: dict | None = None, *, stream: bool = False,
+def open_cache(path, expected: dict | None = None, *, stream: bool = False,
                chunk_rows: int = 65536) -> FeatureSet | StreamedFeatures:
     """Open a feature cache, refusing one that does not match ``expected``.
+
+    ``path`` may be a list of caches of the same images made by several
+    backbones: their features are concatenated column-wise (see :func:`concatenate`).
 
     Args:
         expected: attribute values the caller requires, e.g. ``{"backbone":
@@ -281,6 +299,13 @@ def open_cache(path: str | Path, expected: dict | None = None, *, stream: bool =
     Raises:
         PipelineError: missing, unreadable or incomplete file, or stale provenance.
     """
+    if isinstance(path, (list, tuple)):
+        if len(path) > 1:
+            if stream:
+                raise PipelineError("heads.out_of_core streams one cache; with heads.backbones set, "
+                                    "keep heads.out_of_core: false (the concatenated features are read into memory)")
+            return concatenate([open_cache(p, expected) for p in path], path)
+        path = path[0]
     path = Path(path)
     if stream:
         fs = StreamedFeatures(path, chunk_rows)
@@ -303,3 +328,28 @@ def open_cache(path: str | Path, expected: dict | None = None, *, stream: bool =
     found["classes"] = fs.classes
     check_provenance(found, expected or {}, f"feature cache {path}")
     return fs
+
+
+def concatenate(sets: list[FeatureSet], paths) -> FeatureSet:
+    """Several backbones' caches of the same images as one: features side by side.
+
+    The rows must be the same images in the same order with the same labels
+    and splits, checked row by row (paths and content hashes); the
+    provenance attributes join each cache's values with `` + ``.
+    """
+    first = sets[0]
+    for fs, p in zip(sets[1:], paths[1:]):
+        for name in ("paths", "sha256", "labels", "splits"):
+            a, b = getattr(first, name), getattr(fs, name)
+            if len(a) != len(b) or not np.array_equal(a, b):
+                bad = next((i for i in range(min(len(a), len(b))) if a[i] != b[i]), min(len(a), len(b)))
+                raise PipelineError(
+                    f"feature caches {paths[0]} and {p} disagree on {name} at row {bad} "
+                    f"({len(a)} and {len(b)} rows); run dvc repro so that both are extracted from the same manifest"
+                )
+        if fs.classes != first.classes:
+            raise PipelineError(f"feature caches {paths[0]} and {p} have different class lists; run dvc repro")
+    attrs = {k: " + ".join(str(fs.attrs.get(k, "")) for fs in sets) for k in CHECKED_ATTRS}
+    attrs.update(classes=first.attrs["classes"], feature_dim=sum(int(fs.attrs["feature_dim"]) for fs in sets))
+    return FeatureSet(np.concatenate([fs.features for fs in sets], axis=1), first.labels, first.paths,
+                      first.splits, first.sha256, first.classes, attrs)
