@@ -39,7 +39,8 @@ from pipeline.data.manifest import Row
 from pipeline.errors import PipelineError
 
 #: Attributes a reader may require to match (besides ``classes``).
-CHECKED_ATTRS = ("backbone", "weights", "weights_sha256", "transform", "decoder", "precision")
+#: ``input_size`` is present only where one was asked for (backbone.input_size != 0).
+CHECKED_ATTRS = ("backbone", "weights", "weights_sha256", "transform", "input_size", "decoder", "precision")
 
 _STR = h5py.string_dtype("utf-8")
 _ASCII = h5py.string_dtype("ascii")
@@ -349,7 +350,8 @@ def concatenate(sets: list[FeatureSet], paths) -> FeatureSet:
                 )
         if fs.classes != first.classes:
             raise PipelineError(f"feature caches {paths[0]} and {p} have different class lists; run dvc repro")
-    attrs = {k: " + ".join(str(fs.attrs.get(k, "")) for fs in sets) for k in CHECKED_ATTRS}
+    attrs = {k: " + ".join(str(fs.attrs.get(k, "")) for fs in sets)
+             for k in CHECKED_ATTRS if any(k in fs.attrs for fs in sets)}
     attrs.update(classes=first.attrs["classes"], feature_dim=sum(int(fs.attrs["feature_dim"]) for fs in sets))
     return FeatureSet(np.concatenate([fs.features for fs in sets], axis=1), first.labels, first.paths,
                       first.splits, first.sha256, first.classes, attrs)

@@ -54,7 +54,7 @@ def train_head(
         n_train = len(y)
         how = f"{head.n_splits_}-fold CV (accuracy {head.best_score_:.4f})"
         kind = ""
-    save_head(Path(models_dir) / f"{name}.joblib", head, {k: fs.attrs[k] for k in CHECKED_ATTRS}, fs.classes)
+    save_head(Path(models_dir) / f"{name}.joblib", head, {k: fs.attrs[k] for k in CHECKED_ATTRS if k in fs.attrs}, fs.classes)
     acc = float(head.best_score_)
     summary = {
         "best_C": float(head.best_params_["clf__C"]),
