@@ -17,10 +17,9 @@ Four kinds of parts, each small and replaceable:
 * a **constraint** runs after each optimiser step (:func:`linf_ball`).
 
 The ideal class image and the adversarial example are then the same
-:func:`render` loop with different parts:
+:func:`render` loop with different parts (``model`` is any module on pixels
+in [0, 1], e.g. :func:`pipeline.visualize.networks.imagenet_model`):
 
->>> model = ImageClassifier(backbone.features, backbone.classifier,  # doctest: +SKIP
-...                         backbone.transform_spec.mean, backbone.transform_spec.std)
 >>> with seeded(0):                                                 # doctest: +SKIP
 ...     image = render(model, class_logit(285) - 0.5 * total_variation(),
 ...                    fourier_image((1, 3, 224, 224)), transforms=standard_transforms(),
@@ -30,10 +29,12 @@ The ideal class image and the adversarial example are then the same
 ...                  optimizer=sign_gradient(2.5 * (8 / 255) / 10), steps=10,
 ...                  constraint=linf_ball(x, 8 / 255))
 
-Everything works in pixel space [0, 1]; the model normalises inside
-(:class:`ImageClassifier`). Random draws come from torch's CPU generator, so a
-run inside :func:`seeded` is deterministic on the CPU (on CUDA, up to the
-order of floating-point atomics in some backward kernels).
+Everything works in pixel space [0, 1]; the model normalises inside. The
+parameters, the image and the objective stay float32 whatever precision the
+model's forward pass runs in (``render(..., autocast=...)``). Random draws
+come from torch's CPU generator, so a run inside :func:`seeded` is
+deterministic on the CPU (on CUDA, up to the order of floating-point atomics
+in some backward kernels).
 """
 
 from __future__ import annotations
@@ -51,37 +52,6 @@ from tqdm import tqdm
 
 Param = tuple  # (list of tensors to optimise, image_fn: () -> (N, 3, H, W) in [0, 1])
 Transform = Callable[[torch.Tensor], torch.Tensor]
-
-
-# ------------------------------------------------------------------------- model
-
-
-class ImageClassifier(nn.Module):
-    """Pixels in [0, 1] -> normalise -> backbone features -> head logits, one differentiable model.
-
-    Args:
-        features: image batch -> (N, D) features (:attr:`pipeline.backbones.Backbone.features`).
-        head: (N, D) -> (N, K) logits: the backbone's ImageNet classifier, or a
-            trained head folded into ``nn.Linear`` (:func:`pipeline.heads.to_torch_linear`).
-        mean, std: the backbone's normalisation (its ``transform_spec``).
-        center_logits: subtract each row's mean logit. Softmax and argmax are
-            unchanged; it gives a binary head's first class (whose logit is the
-            constant 0 in ``(0, z)``) the logit ``-z/2``, so maximising it has a gradient.
-    """
-
-    def __init__(self, features: nn.Module, head: nn.Module, mean, std, center_logits: bool = False):
-        super().__init__()
-        self.features = features
-        self.head = head
-        self.center_logits = center_logits
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.head(self.features((x - self.mean) / self.std))
-        if self.center_logits:
-            logits = logits - logits.mean(dim=1, keepdim=True)
-        return logits
 
 
 # -------------------------------------------------------------- parameterisations
@@ -396,6 +366,7 @@ def render(
     steps: int,
     transforms: Transform | None = None,
     constraint: Callable | None = None,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     progress: bool | str = False,
 ) -> torch.Tensor:
     """Maximise ``objective`` over the parameterised image; return the final image batch.
@@ -406,6 +377,8 @@ def render(
         optimizer: ``params -> torch.optim.Optimizer`` (:func:`adam`, :func:`sign_gradient`).
         transforms: applied to the image before the model at each step (random).
         constraint: ``params -> None`` in-place projection after each step.
+        autocast: a context for the forward pass (``Precision.autocast``); the
+            backward pass runs outside it, as torch's autocast asks.
         progress: a tqdm bar; a string is its description.
 
     Returns:
@@ -417,7 +390,9 @@ def render(
     for _ in tqdm(range(int(steps)), desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
         opt.zero_grad(set_to_none=True)
         image = image_fn()
-        logits = model(transforms(image) if transforms else image)
+        seen = transforms(image) if transforms else image  # resampling stays in float32
+        with autocast():
+            logits = model(seen).float()
         loss = -objective(Step(image, logits)).sum()  # images are independent: one sum, N gradients
         loss.backward()
         opt.step()
@@ -426,40 +401,3 @@ def render(
                 constraint(params)
     with torch.no_grad():
         return image_fn().detach()
-
-
-# ------------------------------------------------------------------ activations
-
-
-def last_spatial_activation(model: nn.Module, x: torch.Tensor) -> tuple[str, torch.Tensor]:
-    """The last 4-D activation with more than one spatial position that ``model(x)`` computes.
-
-    That is the last convolutional feature map before global pooling, whatever
-    the architecture (timm EfficientNet's ``bn2``, a ResNet's ``layer4``, VGG's
-    last conv block): every module gets a forward hook, and the last output of
-    shape (N, C, H, W) with H·W > 1 wins (pooling's (N, C, 1, 1) does not count).
-
-    Returns:
-        the module's qualified name and its output (detached).
-    """
-    found: list = [None]  # only the latest: keeping every activation would cost memory
-    handles = []
-
-    def hook(name):
-        def fn(module, inputs, output):
-            if isinstance(output, torch.Tensor) and output.ndim == 4 and output.shape[-1] * output.shape[-2] > 1:
-                found[0] = (name, output.detach().clone())  # clone: a later in-place ReLU may overwrite it
-
-        return fn
-
-    for name, module in model.named_modules():
-        handles.append(module.register_forward_hook(hook(name or type(model).__name__)))
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    if found[0] is None:
-        raise ValueError(f"{type(model).__name__} computes no spatial (N, C, H, W) activation")
-    return found[0]

@@ -1,0 +1,109 @@
+"""The networks the visualize stage differentiates through, all on pixels in [0, 1].
+
+The optimisation loops of :mod:`pipeline.visualize.optvis` change pixels, so
+every model here takes an image batch in [0, 1] and normalises inside
+(:class:`OnPixels`): the backbone's own ImageNet classifier
+(:func:`imagenet_model`) and a trained model's differentiable network from its
+bundle (:func:`head_model`, :mod:`pipeline.serve.bundle`).
+
+Where and in what precision they run is one :class:`Compute` (device and
+autocast), resolved once by the stage from ``visualize.device`` and
+``visualize.precision``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models import ResNet18_Weights
+
+from pipeline.backbones import Backbone
+from pipeline.runtime import Precision
+from pipeline.serve.bundle import Bundle
+
+
+@dataclass(frozen=True)
+class Compute:
+    """Where the networks run: a device, and the precision of their forward passes."""
+
+    device: torch.device = torch.device("cpu")
+    precision: Precision = field(default_factory=lambda: Precision("fp32", "default"))
+
+    def autocast(self):
+        """The autocast context of the forward passes (a no-op for fp32)."""
+        return self.precision.autocast(self.device)
+
+
+#: fp32 on the CPU: what the library functions use unless told otherwise.
+CPU = Compute()
+
+
+class OnPixels(nn.Module):
+    """Pixels in [0, 1] -> normalise -> ``network`` -> logits, one differentiable model.
+
+    Args:
+        network: a normalised image batch -> (N, K) logits.
+        mean, std: the backbone's normalisation (its ``transform_spec``).
+        center_logits: subtract each row's mean logit. Softmax and argmax are
+            unchanged; it gives a binary head's first class (whose logit is the
+            constant 0 in ``(0, z)``) the logit ``-z/2``, so maximising it has a gradient.
+    """
+
+    def __init__(self, network: nn.Module, mean, std, center_logits: bool = False):
+        super().__init__()
+        self.network = network
+        self.center_logits = center_logits
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.network((x - self.mean) / self.std).float()  # float even under bf16 autocast
+        if self.center_logits:
+            logits = logits - logits.mean(dim=1, keepdim=True)
+        return logits
+
+
+def imagenet_model(bb: Backbone) -> OnPixels:
+    """The backbone's full ImageNet network on pixels in [0, 1]: 1000 logits."""
+    s = bb.transform_spec
+    return OnPixels(nn.Sequential(bb.features, bb.classifier), s.mean, s.std).eval()
+
+
+def head_model(bundle: Bundle) -> OnPixels:
+    """A trained model (a head on its backbone, or the fine-tuned network) on pixels in [0, 1].
+
+    ``bundle.network()`` is the differentiable model on normalised images (a
+    head's scaler and linear classifier fold into one ``nn.Linear``). A binary
+    model's logits are centred: a head's ``(0, z)`` becomes ``(-z/2, z/2)``,
+    same softmax and prediction, but the first class's logit is no longer a
+    constant, so its ideal image can be optimised.
+    """
+    s = bundle.transform_spec
+    return OnPixels(bundle.network(), s.mean, s.std, center_logits=len(bundle.classes) == 2).eval()
+
+
+def imagenet_categories() -> list[str]:
+    """The 1000 ImageNet class names, in class-id order (shipped with torchvision, no download)."""
+    return list(ResNet18_Weights.IMAGENET1K_V1.meta["categories"])
+
+
+def resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    """A square batch resized to ``size`` (bilinear, antialiased), unchanged if it has that size."""
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+
+
+@torch.no_grad()
+def class_probabilities(model: nn.Module, images: torch.Tensor, compute: Compute = CPU,
+                        size: int | None = None) -> torch.Tensor:
+    """Softmax of ``model`` on ``images`` (resized to ``size`` first if given), on the CPU in float32."""
+    x = images.to(compute.device)
+    if size is not None:
+        x = resize(x, size)
+    with compute.autocast():
+        logits = model(x)
+    return logits.float().softmax(1).cpu()
