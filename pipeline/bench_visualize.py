@@ -21,18 +21,16 @@ from pathlib import Path
 import torch
 
 from pipeline.backbones import load_backbone
-from pipeline.extract.local import resolve_device
-from pipeline.visualize.stage import (
-    DEFAULTS,
-    captioned_grid,
+from pipeline.config import VisualizeConfig
+from pipeline.runtime import PRECISIONS, resolve_device, resolve_precision
+from pipeline.visualize.ideal import OPTIMISATION, ideal_images, judge_scores
+from pipeline.visualize.networks import (
+    Compute,
     class_probabilities,
-    ideal_images,
     imagenet_categories,
     imagenet_model,
-    judge_scores,
-    save_png,
-    to_pil,
 )
+from pipeline.visualize.pictures import captioned_grid, save_png, to_pil
 
 #: Egyptian cat, zebra, golden retriever, espresso, goldfish, ostrich,
 #: flamingo, monarch butterfly, balloon, orange.
@@ -42,15 +40,18 @@ CLASSES = [285, 340, 207, 967, 1, 9, 130, 323, 417, 950]
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--backbone", default="efficientnet_lite0")
-    ap.add_argument("--judge", default=DEFAULTS["judge"])
+    defaults = VisualizeConfig()
+    ap.add_argument("--judge", default=defaults.judge)
     ap.add_argument("--params", nargs="+", default=["pixel", "fourier"])
-    for key in ("steps", "lr", "tv_weight", "l2_weight", "seed"):
-        ap.add_argument(f"--{key}", type=type(DEFAULTS[key]), default=DEFAULTS[key])
+    for key in (k for k in OPTIMISATION if k != "param"):  # --params lists the parameterisations
+        ap.add_argument(f"--{key}", type=type(getattr(defaults, key)), default=getattr(defaults, key))
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--precision", default="fp32", choices=PRECISIONS)
     ap.add_argument("--out", type=Path, help="also save a captioned grid per parameterisation here")
     args = ap.parse_args(argv)
 
-    dev = resolve_device(args.device)
+    dev = resolve_device(args.device, "--device")
+    compute = Compute(dev, resolve_precision(args.precision, dev, "--precision"))
     bb, judge = load_backbone(args.backbone), load_backbone(args.judge)
     model = imagenet_model(bb).to(dev)
     names = imagenet_categories()
@@ -59,11 +60,11 @@ def main(argv=None) -> dict:
         t0 = time.perf_counter()
         images = ideal_images(
             model, CLASSES, size=bb.transform_spec.crop, param=param, steps=args.steps, lr=args.lr,
-            tv_weight=args.tv_weight, l2_weight=args.l2_weight, seed=args.seed, device=dev,
+            tv_weight=args.tv_weight, l2_weight=args.l2_weight, seed=args.seed, compute=compute,
         )
         seconds = time.perf_counter() - t0
-        own = class_probabilities(model, images, dev)
-        judged = judge_scores(judge, images, CLASSES, dev)
+        own = class_probabilities(model, images, compute)
+        judged = judge_scores(judge, images, CLASSES, compute)
         own = [float(own[i, c]) for i, c in enumerate(CLASSES)]
         results[param] = {"seconds": seconds, "own": own, "judge": judged}
         if args.out:
@@ -73,6 +74,7 @@ def main(argv=None) -> dict:
     print(
         f"\n{args.judge} judging {args.backbone}'s ideal images ({args.steps} steps, lr {args.lr:g}, "
         f"tv_weight {args.tv_weight:g}, l2_weight {args.l2_weight:g}, seed {args.seed}, {dev}, "
+        f"{compute.precision.name}, "
         f"torch {torch.__version__}); rank 1 = the judge's top class\n"
     )
     head = f"| {'class':<26} |" + "".join(f" {p}: own p | judge p | rank |" for p in args.params)
