@@ -291,9 +291,16 @@ class FinetuneConfig(Section):
     device: str = "auto"
     precision: str = "auto"
     decode_workers: Any = "auto"
+    head_C: float = 0.1  # the warm-start head's C: fixed, never chosen on the validation slice
+    ema: float = 0.0  # per-step decay of an average of the weights; 0 = off
+    tta_flip: bool = False  # score each photo and its mirror image, average the logits
 
     def __post_init__(self):
         w = "finetune"
+        _num(w, "head_C", self.head_C)
+        _num(w, "ema", self.ema, hi=1, lo_open=False)
+        if not isinstance(self.tta_flip, bool):
+            raise _bad(f"{w}.tta_flip", "true or false", self.tta_flip)
         _choice(w, "unfreeze", self.unfreeze, UNFREEZE)
         _int(w, "epochs", self.epochs)
         _int(w, "seed", self.seed)

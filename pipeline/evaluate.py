@@ -1,12 +1,14 @@
-"""The ``evaluate`` stage: test-split metrics of every model, in the shape ``dvc metrics`` compares.
+"""The ``evaluate`` stage: test-split metrics of the heads, in the shape ``dvc metrics`` compares.
 
-Each model is loaded as a bundle (:mod:`pipeline.serve.bundle`). Heads are
-scored on the feature cache's test rows; the fine-tuned network on the same
-images, decoded from their files and checked against the content hashes the
-manifest recorded, so every model is scored on exactly the same photos.
+Each head is loaded as a bundle (:mod:`pipeline.serve.bundle`) and scored on
+the feature cache's test rows, in seconds. The fine-tuned network is scored by
+its own stage with the same functions (:func:`head_metrics` on the photos
+:func:`manifest_rows` lists, the same test photos), into
+``reports/finetune_metrics.json``: a new C then never waits for a network to
+be scored again on every test photo.
 
-Outputs: ``reports/metrics.json`` (one entry per model), ``per_class.csv`` and
-``confusion_<model>.csv``.
+Outputs: ``reports/metrics.json`` (one entry per head), ``per_class.csv`` and
+``confusion_<head>.csv``.
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ from pipeline.errors import PipelineError
 from pipeline.extract.cache import CHECKED_ATTRS, head_features_paths, open_cache
 from pipeline.fileio import write_csv, write_json
 from pipeline.heads.model import scores
-from pipeline.runtime import resolve_device
-from pipeline.serve.bundle import BACKBONE_KEYS, FINETUNE, MODELS, Bundle, load_bundle
+from pipeline.heads.registry import HEADS
+from pipeline.serve.bundle import load_bundle
 
 
 def head_metrics(y_true, y_pred, scores, n_classes: int, top_k=(3, 5)) -> dict:
@@ -81,34 +83,22 @@ def manifest_rows(fs, features_file, prepared_dir) -> tuple[Path, list[Row]]:
     return prepared.root, rows
 
 
-def image_scores(bundle: Bundle, root, rows: list[Row], batch_size: int = 32) -> np.ndarray:
-    """Scores (N, C) of ``rows`` decoded from their files; any unusable photo is an error."""
-    out = []
-    for row, s, why in bundle.score_rows(root, rows, batch_size):
-        if s is None:
-            raise PipelineError(f"cannot use {row.path}: {why}; run dvc repro so that the prepare stage "
-                                "lists the photos again")
-        out.append(s)
-    return np.stack(out) if out else np.zeros((0, len(bundle.classes)))
-
-
-def run_evaluate(cfg: Config, *, features_dir, models_dir, reports_dir, prepared_dir,
-                 models: Sequence[str] = MODELS) -> dict:
-    """Score ``models`` on the test split and write the reports.
+def run_evaluate(cfg: Config, *, features_dir, models_dir, reports_dir,
+                 models: Sequence[str] = tuple(HEADS)) -> dict:
+    """Score the heads ``models`` on the test split and write the reports.
 
     Args:
         cfg: reads ``backbone.name`` (which cache), ``evaluate.top_k``,
             ``heads.out_of_core`` and ``heads.chunk_rows`` (stream the test
-            split instead of loading the cache) and ``finetune.device`` (where
-            the fine-tuned network runs).
-        models: the heads and ``finetune``, each loaded from ``models_dir``.
+            split instead of loading the cache).
+        models: heads, each loaded from ``models_dir``.
 
     Returns:
         the metrics written to ``reports/metrics.json``.
 
     Example:
         >>> run_evaluate(load_config(), features_dir="data/features", models_dir="models",
-        ...              reports_dir="reports", prepared_dir="data/prepared")   # doctest: +SKIP
+        ...              reports_dir="reports")   # doctest: +SKIP
     """
     features_file = head_features_paths(features_dir, cfg.backbone.name, cfg.heads.backbones)
     streamed = cfg.heads.out_of_core  # features stay on disk, read chunk_rows rows at a time
@@ -116,24 +106,16 @@ def run_evaluate(cfg: Config, *, features_dir, models_dir, reports_dir, prepared
     X, y = (None, fs.labels_of("test")) if streamed else fs.subset("test")
     if len(y) == 0:
         raise PipelineError(f"{features_file[0]} has no test rows; check the prepare stage's split")
-    made_with = {k: fs.attrs[k] for k in CHECKED_ATTRS}
+    made_with = {k: fs.attrs[k] for k in CHECKED_ATTRS if k in fs.attrs}
     reports = Path(reports_dir)
     metrics, per_class = {}, []
 
     for name in models:
-        if name == FINETUNE:
-            # It sees images, not cached features: decoder and precision do not apply.
-            expected = {k: made_with[k] for k in BACKBONE_KEYS}
-            bundle = load_bundle(models_dir, name, {**expected, "classes": fs.classes})
-            bundle.to(resolve_device(cfg.finetune.device, "finetune.device"))
-            s = image_scores(bundle, *manifest_rows(fs, features_file[0], prepared_dir))
-            pred = s.argmax(1)
+        bundle = load_bundle(models_dir, name, {**made_with, "classes": fs.classes})
+        if streamed:
+            _, pred, s = fs.predict(bundle.estimator, "test", scores)
         else:
-            bundle = load_bundle(models_dir, name, {**made_with, "classes": fs.classes})
-            if streamed:
-                _, pred, s = fs.predict(bundle.estimator, "test", scores)
-            else:
-                pred, s = bundle.score_features(X)
+            pred, s = bundle.score_features(X)
         metrics[name] = head_metrics(y, pred, s, len(fs.classes), cfg.evaluate.top_k)
         per_class.extend(per_class_rows(name, y, pred, fs.classes))
         write_csv(reports / f"confusion_{name}.csv", ["actual", "predicted"],

@@ -1,4 +1,4 @@
-"""Stage evaluate: test-split metrics, per-class table and confusion data of every model."""
+"""Stage evaluate: test-split metrics, per-class table and confusion data of the heads."""
 
 from pipeline.cli import run_stage
 from pipeline.config import load_config
@@ -7,9 +7,8 @@ from pipeline.evaluate import run_evaluate
 
 def main():
     cfg = load_config()
-    # dvc.yaml runs the finetune stage first; its network is scored beside the heads.
-    run_evaluate(cfg, features_dir="data/features", models_dir="models", reports_dir="reports",
-                 prepared_dir="data/prepared")
+    # The fine-tuned network scores itself in the finetune stage (reports/finetune_metrics.json).
+    run_evaluate(cfg, features_dir="data/features", models_dir="models", reports_dir="reports")
 
 
 if __name__ == "__main__":

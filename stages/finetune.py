@@ -1,4 +1,4 @@
-"""Stage finetune: the backbone plus the logreg head as one network, fine-tuned on the photos."""
+"""Stage finetune: the backbone plus its own warm-start head as one network, fine-tuned and scored on the test split."""
 
 from pipeline.cli import run_stage
 from pipeline.config import load_config
@@ -7,8 +7,8 @@ from pipeline.finetune.stage import run_finetune
 
 def main():
     cfg = load_config()
-    run_finetune(cfg, prepared_dir="data/prepared", head_path="models/logreg.joblib",
-                 out_path="models/finetune.pt", live_dir="dvclive")
+    run_finetune(cfg, prepared_dir="data/prepared", features_dir="data/features", out_path="models/finetune.pt",
+                 live_dir="dvclive", reports_dir="reports")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """The network that fine-tuning trains: ``head(features(x))``, and which parts of it train.
 
-The head starts as the trained logistic-regression head with its scaler folded
-in (the heads' ``to_torch_linear``). Before the first optimiser step the
+The head starts as fine-tuning's own warm-start logistic-regression head
+(:mod:`pipeline.finetune.warmstart`) with its scaler folded in (the heads'
+``to_torch_linear``). Before the first optimiser step the
 network therefore predicts what the head predicts, so no head-only warm-up pass
 is needed and early large errors cannot wreck the pretrained filters.
 

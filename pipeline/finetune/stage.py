@@ -1,41 +1,82 @@
-"""The ``finetune`` stage: the backbone plus the logreg head as one network, trained end to end.
+"""The ``finetune`` stage: the backbone plus its own warm-start head as one network, trained end to end.
 
-Inputs: the prepare stage's manifest and ``models/logreg.joblib``. Outputs:
-``models/finetune.pt`` + ``.json`` (:mod:`pipeline.finetune.checkpoint`) and
-DVCLive's per-epoch metrics and plots.
+Inputs: the prepare stage's manifest and the feature cache
+``data/features/<backbone>.h5`` (the warm-start head is fitted on it, see
+:mod:`pipeline.finetune.warmstart`); no file of the ``train_heads`` stage, so
+editing ``heads.*`` never re-runs fine-tuning. Outputs: ``models/finetune.pt``
++ ``.json`` (:mod:`pipeline.finetune.checkpoint`), DVCLive's per-epoch metrics,
+and the network's test-split metrics (``reports/finetune_metrics.json``, the
+heads' keys under ``finetune``, computed here rather than by the heads'
+``evaluate`` stage so that the heads' evaluation never waits for a network),
+with its confusion data.
 """
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
 from dvclive import Live
 
 from pipeline.backbones import load_backbone
 from pipeline.config import Config
 from pipeline.data.manifest import read_prepared
 from pipeline.errors import PipelineError
+from pipeline.evaluate import head_metrics, manifest_rows
+from pipeline.extract.cache import features_path, open_cache
+from pipeline.fileio import write_csv, write_json
 from pipeline.finetune.checkpoint import save_finetuned
-from pipeline.finetune.data import split_validation
+from pipeline.finetune.data import loader, split_validation
 from pipeline.finetune.network import build_network
-from pipeline.finetune.train import FitResult, fit
-from pipeline.heads.model import load_head
+from pipeline.finetune.train import FitResult, fit, predict_logits
+from pipeline.finetune.warmstart import fit_warm_start
+from pipeline.runtime import resolve_device
+
+FINETUNE = "finetune"
 
 
-def run_finetune(cfg: Config, *, prepared_dir, head_path, out_path, live_dir) -> FitResult:
-    """Fine-tune ``cfg.backbone`` from the head at ``head_path``; write ``out_path`` (+ .json) and DVCLive logs.
+def score_test(net, fs, features_file, prepared_dir, cfg: Config, transform) -> tuple[dict, np.ndarray, np.ndarray]:
+    """The network's metrics on the cache's test photos (the heads' keys): ``(metrics, y, pred)``.
+
+    The photos are those the heads are scored on, decoded from their files and
+    checked against the manifest's content hashes. fp32, as ``predict`` scores it.
+    """
+    root, rows = manifest_rows(fs, features_file, prepared_dir)
+    if not rows:
+        raise PipelineError(f"{features_file} has no test rows; check the prepare stage's split")
+    dev = resolve_device(cfg.finetune.device, "finetune.device")
+    batches = loader(root, rows, transform, cfg.finetune.batch_size)
+    logits, y = predict_logits(net.to(dev), batches, dev, flip=cfg.finetune.tta_flip)
+    probs = torch.from_numpy(logits).double().softmax(1).numpy()
+    pred = probs.argmax(1)
+    return head_metrics(y, pred, probs, len(fs.classes), cfg.evaluate.top_k), y, pred
+
+
+def run_finetune(cfg: Config, *, prepared_dir, features_dir, out_path, live_dir, reports_dir) -> FitResult:
+    """Fine-tune ``cfg.backbone`` from a head fitted on its training part; write the model, logs and test metrics.
 
     Example:
-        >>> run_finetune(load_config(), prepared_dir="data/prepared", head_path="models/logreg.joblib",
-        ...              out_path="models/finetune.pt", live_dir="dvclive")        # doctest: +SKIP
+        >>> run_finetune(load_config(), prepared_dir="data/prepared", features_dir="data/features",
+        ...              out_path="models/finetune.pt", live_dir="dvclive", reports_dir="reports")  # doctest: +SKIP
     """
+    t0 = time.perf_counter()
     ft = cfg.finetune
     prepared = read_prepared(prepared_dir)
     bb = load_backbone(cfg.backbone.name, cfg.backbone.weights, cfg.backbone.input_size)
-    head = load_head(head_path, {**bb.provenance(), "classes": prepared.classes})
+    features_file = features_path(features_dir, cfg.backbone.name)
+    made_with = {k: v for k, v in bb.provenance().items() if k in ("backbone", "weights", "weights_sha256",
+                                                                  "transform")}
+    fs = open_cache(features_file, {**made_with, "classes": prepared.classes})
     rows = prepared.split("train")
     if not rows:
         raise PipelineError(f"{prepared_dir} lists no train images; check data.test_fraction")
     train_rows, val_rows = split_validation(rows, ft.val_fraction, ft.seed)
-    net = build_network(bb.features, head["estimator"])
+    head = fit_warm_start(fs, train_rows, C=ft.head_C, seed=ft.seed, source=features_file)
+    print(f"finetune: warm-start head: logistic regression, C={ft.head_C:g} (finetune.head_C), fitted on the "
+          f"cached features of {len(train_rows)} train photos; {len(val_rows)} held out for validation", flush=True)
+    net = build_network(bb.features, head)
 
     with Live(dir=str(live_dir), save_dvc_exp=False, dvcyaml=False) as live:
         def on_epoch(epoch: int, m: dict) -> None:
@@ -52,12 +93,23 @@ def run_finetune(cfg: Config, *, prepared_dir, head_path, out_path, live_dir) ->
             epochs_run=result.epochs_run,
             **({"best_val_accuracy": result.best_val_accuracy} if result.best_val_accuracy is not None else {}),
         )
-    save_finetuned(
-        out_path, net, bb, prepared.classes,
-        init_head=str(head_path),
-        params=ft.to_dict(),
-        training={**result.summary(), "n_train": len(train_rows), "n_val": len(val_rows)},
-    )
-    print(f"finetune: kept epoch {result.best_epoch} ({result.stopped}) after {result.seconds:.0f} s -> {out_path}",
-          flush=True)
+    training = {**result.summary(), "n_train": len(train_rows), "n_val": len(val_rows)}
+    save_finetuned(out_path, net, bb, prepared.classes, params=ft.to_dict(), training=training,
+                   warm_start={"head": "logreg", "C": ft.head_C, "n_train": len(train_rows)})
+    metrics, y, pred = score_test(net, fs, features_file, prepared_dir, cfg, bb.transform_spec.build())
+    reports = Path(reports_dir)
+    write_csv(reports / f"confusion_{FINETUNE}.csv", ["actual", "predicted"],
+              [[fs.classes[a], fs.classes[p]] for a, p in zip(y, pred)])
+    wall = time.perf_counter() - t0
+    # Two entries: `dvc metrics show` lines finetune.accuracy up with logreg.accuracy
+    # (reports/metrics.json), and the run's cost sits beside it.
+    write_json(reports / "finetune_metrics.json", {
+        FINETUNE: metrics,
+        "finetune_run": {"wall_seconds": round(wall, 1), "training_seconds": round(result.seconds, 1),
+                         "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
+                         "kept": "warm-start head" if result.best_epoch == 0 else "fine-tuned"},
+    })
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "n_test")
+    print(f"finetune: kept epoch {result.best_epoch} ({result.stopped}); test on {metrics['n_test']} images: "
+          f"{shown}; {wall:.0f} s in all -> {out_path}", flush=True)
     return result

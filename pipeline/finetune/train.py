@@ -1,5 +1,12 @@
 """The training loop: AdamW with warm-up and cosine decay, the best validation epoch kept.
 
+Epoch 0, the warm-start head before any step, is a candidate like every other
+epoch: its head never saw the validation slice, so when no epoch scores better
+there the network keeps the head's weights and the stage says so. Optional, by
+params: an exponential moving average of the trained weights (``finetune.ema``),
+which is what is validated and kept, and horizontal-flip test-time augmentation
+(``finetune.tta_flip``) wherever the network is scored.
+
 Example:
     >>> net = build_network(bb.features, head["estimator"])                  # doctest: +SKIP
     >>> result = fit(net, backbone="resnet50", root=prepared.root, train_rows=tr,
@@ -56,15 +63,22 @@ def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 @torch.inference_mode()
 def predict_logits(net: nn.Module, batches, device: torch.device,
-                   precision: Precision | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Logits (N, C) and labels (N,) of every batch of ``batches``; leaves ``net`` in eval mode."""
+                   precision: Precision | None = None, flip: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Logits (N, C) and labels (N,) of every batch of ``batches``; leaves ``net`` in eval mode.
+
+    ``flip``: average the logits of each image and of its mirror image (the
+    training crops are flipped at random, so both views are in distribution).
+    """
     net.eval()
     logits, labels = [], []
     precision = precision or FP32
     for x, y, bad in batches:
         check_batch(bad)
         with precision.autocast(device):
-            out = net(_to_device(x, device))
+            x = _to_device(x, device)
+            out = net(x)
+            if flip:
+                out = (out.float() + net(x.flip(3)).float()) / 2
         logits.append(out.float().cpu())
         labels.append(y)
     if not logits:
@@ -104,6 +118,32 @@ def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]
     return factor
 
 
+class _EMA:
+    """An exponential moving average of the trainable parameters, swapped in to validate and keep.
+
+    ``decay`` is per optimiser step; it starts at the warm start, so on a small
+    set (a few steps per epoch) the average stays anchored near the head.
+    """
+
+    def __init__(self, net: nn.Module, decay: float):
+        self.decay = decay
+        self.params = [p for p in net.parameters() if p.requires_grad]
+        self.shadow = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for s, p in zip(self.shadow, self.params):
+            s.lerp_(p.detach(), 1.0 - self.decay)
+
+    @torch.no_grad()
+    def swap(self) -> None:
+        """Exchange the live and the averaged weights (call again to swap back)."""
+        for s, p in zip(self.shadow, self.params):
+            tmp = p.detach().clone()
+            p.copy_(s)
+            s.copy_(tmp)
+
+
 class _Best:
     """The best epoch so far: highest validation accuracy, then lowest validation loss."""
 
@@ -112,6 +152,7 @@ class _Best:
 
     def offer(self, epoch: int, m: dict, net: nn.Module) -> bool:
         key = (m["val/accuracy"], -m["val/loss"]) if "val/accuracy" in m else (epoch,)
+        # Ties go to the earlier epoch: fine-tuning must beat the head, not match it.
         if self.key is not None and key <= self.key:
             self.since += 1
             return False
@@ -177,23 +218,24 @@ def fit(
     def validate() -> dict:
         if val_loader is None:
             return {}
-        logits, y = predict_logits(net, val_loader, dev, precision)
+        logits, y = predict_logits(net, val_loader, dev, precision, cfg.tta_flip)
         return {
             "val/loss": float(nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(y))),
             "val/accuracy": float((logits.argmax(1) == y).mean()),
         }
 
     history = []
+    best, stopped, epoch = _Best(), "epochs", 0
+    ema = _EMA(net, cfg.ema) if cfg.ema > 0 else None
     start = validate()
     if start:
-        # Optimistic: the head was fitted on the whole train split, validation slice
-        # included, so the start is reported but never kept as "best".
-        log(f"finetune: start (the logreg head): validation loss {start['val/loss']:.4f}, accuracy "
-            f"{start['val/accuracy']:.4f} (optimistic: the head was fitted on these images too)")
+        # The warm-start head never saw these images: an honest score, and a candidate.
+        log(f"finetune: epoch 0 (the warm-start head): validation loss {start['val/loss']:.4f}, "
+            f"accuracy {start['val/accuracy']:.4f}")
+        history.append({"epoch": 0, **start})
+        best.offer(0, start, net)
         if on_epoch:
             on_epoch(0, start)
-
-    best, stopped, epoch = _Best(), "epochs", 0
     for epoch in range(1, cfg.epochs + 1):
         set_train_mode(net, trainable)
         t_epoch = time.perf_counter()
@@ -210,6 +252,8 @@ def fit(
             loss.backward()
             opt.step()
             sched.step()
+            if ema is not None:
+                ema.update()
             seen += len(y)
             correct += int((out.argmax(1) == y).sum())
             loss_sum += float(loss.detach()) * len(y)
@@ -219,12 +263,16 @@ def fit(
             if timed_out:
                 break
         m = {"train/loss": loss_sum / max(1, seen), "train/accuracy": correct / max(1, seen)}
+        if ema is not None:
+            ema.swap()  # validate (and keep) the averaged weights; swapped back to train on
         m.update(validate())
         m["seconds"] = time.perf_counter() - t_epoch
         history.append({"epoch": epoch, **m})
         if on_epoch:
             on_epoch(epoch, m)
         improved = best.offer(epoch, m, net)
+        if ema is not None:
+            ema.swap()
         shown = ", ".join(f"{k} {v:.4f}" for k, v in m.items() if k != "seconds")
         log(f"finetune: epoch {epoch}{' (partial)' if timed_out else ''}: {shown} ({m['seconds']:.0f} s)"
             + (" *" if improved else ""))
@@ -239,7 +287,10 @@ def fit(
     if best.state is not None:
         net.load_state_dict(best.state)
     net.eval()
-    return FitResult(best.epoch, best.accuracy, epoch if history else 0, stopped,
+    if val_loader is not None and best.epoch == 0:
+        log("finetune: fine-tuning did not beat the warm-start head on the validation slice; "
+            "keeping the head's weights")
+    return FitResult(best.epoch, best.accuracy, epoch if cfg.epochs else 0, stopped,
                      time.perf_counter() - t_start, history)
 
 

@@ -51,7 +51,7 @@ def collect(paths) -> tuple[list[Path], list[dict]]:
 
 
 def best_model(project: Path) -> str:
-    """The model with the highest test accuracy in ``reports/metrics.json``."""
+    """The model with the highest test accuracy in ``reports/metrics.json`` and ``finetune_metrics.json``."""
     path = project / "reports" / "metrics.json"
     if not path.is_file():
         raise PipelineError(
@@ -60,6 +60,10 @@ def best_model(project: Path) -> str:
         )
     try:
         metrics = json.loads(path.read_text(encoding="utf-8"))
+        # The finetune stage scores its network into a file of its own (heads never wait for it).
+        tuned = path.with_name("finetune_metrics.json")
+        if tuned.is_file():
+            metrics.update(json.loads(tuned.read_text(encoding="utf-8")))
         ranked = {name: float(metrics[name]["accuracy"]) for name in MODELS if name in metrics}
     except (ValueError, KeyError, TypeError) as e:
         raise PipelineError(f"{path} is not the evaluate stage's metrics file ({e}); run dvc repro") from None
