@@ -1,125 +1,17 @@
-"""params.yaml as typed configuration: one frozen dataclass per section.
-
-Each section's defaults are written once, in its dataclass; each section checks
-its own values when it is built, so a stage receives settings that are known
-to be good. A key params.yaml names but no section has (``heads.logreg.c``) is
-an error naming the key and what is accepted, instead of a setting that
-silently does nothing. Stages call :func:`load_config` once.
-
-Example:
-    >>> cfg = load_config("params.yaml")          # doctest: +SKIP
-    >>> cfg.backbone.name, cfg.heads.head("logreg").C   # doctest: +SKIP
-    ('resnet50', (0.01, 0.1, 1.0))
-"""
+"""One frozen dataclass per params section: its defaults, written once, and its checks."""
 
 from __future__ import annotations
 
-import dataclasses
-import numbers
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import yaml
-
+from pipeline.config.checks import (
+    DECODERS, PARAMETERISATIONS, SOURCES, Section, _bad, _choice, _device, _int, _is_int, _is_num, _num,
+    check_split_params,
+)
 from pipeline.errors import PipelineError
 from pipeline.heads.registry import HEADS
-from pipeline.runtime import DEVICES, PRECISIONS
-
-# The accepted values of params keys whose meaning lives elsewhere: kept here,
-# with the checks, so that reading params.yaml depends on no stage's code
-# (a test checks each tuple against the module that implements it).
-SOURCES = ("cats-vs-dogs", "folder", "oxford-iiit-pet")  # pipeline.data.sources
-DECODERS = ("auto", "pillow", "pillow-exact", "torchvision")  # pipeline.extract.decode
-PARAMETERISATIONS = ("fourier", "pixel")  # pipeline.visualize.optvis
-
-# ------------------------------------------------------------------- checks
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
-def _is_num(v) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool)
-
-
-def _bad(key: str, want: str, found) -> PipelineError:
-    return PipelineError(f"{key} must be {want}, found {found!r}")
-
-
-def _int(where, name, value, lo=0):
-    if not _is_int(value) or value < lo:
-        raise _bad(f"{where}.{name}", f"a whole number >= {lo}", value)
-
-
-def _num(where, name, value, lo=0.0, hi=float("inf"), lo_open=True, hi_open=True):
-    ok = _is_num(value) and (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
-    if not ok:
-        left, right = "(" if lo_open else "[", ")" if hi_open else "]"
-        raise _bad(f"{where}.{name}", f"a number in {left}{lo:g}, {hi:g}{right}", value)
-
-
-def _choice(where, name, value, accepted):
-    if value not in accepted:
-        raise PipelineError(f"unknown {where}.{name} '{value}'; accepted: {', '.join(map(str, accepted))}")
-
-
-def check_split_params(test_fraction, seed) -> None:
-    """``data.test_fraction`` and ``data.seed`` (also checked by the prepare stage's library call)."""
-    if not _is_num(test_fraction) or not 0 < test_fraction < 1:
-        raise PipelineError(f"data.test_fraction must be a number between 0 and 1 (both "
-                            f"excluded); found {test_fraction!r}; set e.g. 0.2 in params.yaml")
-    if not _is_int(seed) or seed < 0:
-        raise PipelineError(f"data.seed must be a non-negative integer; found {seed!r}; "
-                            f"set e.g. 0 in params.yaml")
-
-
-def _device(where, value):
-    s = str(value)
-    if s not in ("auto", "cpu", "cuda") and not (s.startswith("cuda:") and s[5:].isdigit()):
-        raise PipelineError(f"unknown {where}.device '{value}'; accepted: {', '.join(DEVICES)}")
-
-
-# ------------------------------------------------------------------- building
-
-
-class Section:
-    """Base of the sections: building from a mapping checks every key."""
-
-    _where = ""
-
-    @classmethod
-    def from_mapping(cls, given: Any, where: str, source: str = "params.yaml"):
-        if given is None:
-            given = {}
-        if not isinstance(given, dict):
-            raise PipelineError(f"params key '{where}' in {source} must be a mapping, found {given!r}")
-        fields = {f.name: f for f in dataclasses.fields(cls) if not f.name.startswith("_")}
-        for key in given:
-            if key not in fields:
-                raise PipelineError(
-                    f"unknown params key '{where}.{key}' in {source}; accepted here: {', '.join(sorted(fields))}"
-                )
-        kwargs = {}
-        for name, f in fields.items():
-            sub = _section_type(f)
-            if sub is not None:
-                kwargs[name] = sub.from_mapping(given.get(name), f"{where}.{name}", source)
-            elif name in given:
-                kwargs[name] = given[name]
-        return cls(**kwargs)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-def _section_type(f):
-    t = f.type if isinstance(f.type, type) else globals().get(str(f.type))
-    return t if isinstance(t, type) and issubclass(t, Section) else None
-
-
-# ------------------------------------------------------------------- sections
+from pipeline.runtime import PRECISIONS
 
 @dataclass(frozen=True)
 class DataConfig(Section):
@@ -402,51 +294,3 @@ class EvaluateConfig(Section):
         if not all(_is_int(k) and k >= 1 for k in ks):
             raise _bad("evaluate.top_k", "a list of whole numbers >= 1", self.top_k)
         object.__setattr__(self, "top_k", tuple(ks))
-
-
-@dataclass(frozen=True)
-class Config:
-    """The whole of params.yaml."""
-
-    data: DataConfig = field(default_factory=DataConfig)
-    backbone: BackboneConfig = field(default_factory=BackboneConfig)
-    extract: ExtractConfig = field(default_factory=ExtractConfig)
-    heads: HeadsConfig = field(default_factory=HeadsConfig)
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    visualize: VisualizeConfig = field(default_factory=VisualizeConfig)
-    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
-
-
-SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(Config)}
-
-
-def parse_config(given: dict, source: str = "params.yaml") -> Config:
-    """Build a :class:`Config` from a params mapping (as read from YAML)."""
-    if not isinstance(given, dict):
-        raise PipelineError(f"{source} must hold a mapping of sections, found {type(given).__name__}")
-    for key in given:
-        if key not in SECTIONS:
-            raise PipelineError(
-                f"unknown params key '{key}' in {source}; accepted here: {', '.join(sorted(SECTIONS))}"
-            )
-    return Config(**{
-        name: {"heads": HeadsConfig}.get(name, type(factory())).from_mapping(given.get(name), name, source)
-        for name, factory in SECTIONS.items()
-    })
-
-
-def load_config(path: str | Path = "params.yaml") -> Config:
-    """Read and check params.yaml.
-
-    Raises:
-        PipelineError: the file is missing or unreadable, names an unknown key,
-            or holds a bad value; the message names the key.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise PipelineError(f"{path} not found; run from the project root, where params.yaml lives")
-    try:
-        given = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise PipelineError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    return parse_config(given, str(path))

@@ -1,0 +1,107 @@
+"""The checks every params section uses, and the accepted values of params keys.
+
+Each check raises the one-line error that names the params key, says what is
+accepted and what was found.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+import typing
+from typing import Any
+
+from pipeline.errors import PipelineError
+from pipeline.runtime import DEVICES
+
+# The accepted values of params keys whose meaning lives elsewhere: kept here,
+# with the checks, so that reading params.yaml depends on no stage's code
+# (a test checks each tuple against the module that implements it).
+SOURCES = ("cats-vs-dogs", "folder", "oxford-iiit-pet")  # pipeline.data.sources
+DECODERS = ("auto", "pillow", "pillow-exact", "torchvision")  # pipeline.extract.decode
+PARAMETERISATIONS = ("fourier", "pixel")  # pipeline.visualize.optvis
+
+# ------------------------------------------------------------------- checks
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _bad(key: str, want: str, found) -> PipelineError:
+    return PipelineError(f"{key} must be {want}, found {found!r}")
+
+
+def _int(where, name, value, lo=0):
+    if not _is_int(value) or value < lo:
+        raise _bad(f"{where}.{name}", f"a whole number >= {lo}", value)
+
+
+def _num(where, name, value, lo=0.0, hi=float("inf"), lo_open=True, hi_open=True):
+    ok = _is_num(value) and (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+    if not ok:
+        left, right = "(" if lo_open else "[", ")" if hi_open else "]"
+        raise _bad(f"{where}.{name}", f"a number in {left}{lo:g}, {hi:g}{right}", value)
+
+
+def _choice(where, name, value, accepted):
+    if value not in accepted:
+        raise PipelineError(f"unknown {where}.{name} '{value}'; accepted: {', '.join(map(str, accepted))}")
+
+
+def check_split_params(test_fraction, seed) -> None:
+    """``data.test_fraction`` and ``data.seed`` (also checked by the prepare stage's library call)."""
+    if not _is_num(test_fraction) or not 0 < test_fraction < 1:
+        raise PipelineError(f"data.test_fraction must be a number between 0 and 1 (both "
+                            f"excluded); found {test_fraction!r}; set e.g. 0.2 in params.yaml")
+    if not _is_int(seed) or seed < 0:
+        raise PipelineError(f"data.seed must be a non-negative integer; found {seed!r}; "
+                            f"set e.g. 0 in params.yaml")
+
+
+def _device(where, value):
+    s = str(value)
+    if s not in ("auto", "cpu", "cuda") and not (s.startswith("cuda:") and s[5:].isdigit()):
+        raise PipelineError(f"unknown {where}.device '{value}'; accepted: {', '.join(DEVICES)}")
+
+
+# ------------------------------------------------------------------- building
+
+
+class Section:
+    """Base of the sections: building from a mapping checks every key."""
+
+    _where = ""
+
+    @classmethod
+    def from_mapping(cls, given: Any, where: str, source: str = "params.yaml"):
+        if given is None:
+            given = {}
+        if not isinstance(given, dict):
+            raise PipelineError(f"params key '{where}' in {source} must be a mapping, found {given!r}")
+        fields = {f.name: f for f in dataclasses.fields(cls) if not f.name.startswith("_")}
+        for key in given:
+            if key not in fields:
+                raise PipelineError(
+                    f"unknown params key '{where}.{key}' in {source}; accepted here: {', '.join(sorted(fields))}"
+                )
+        kwargs = {}
+        hints = typing.get_type_hints(cls)  # resolves the annotations in the section's own module
+        for name, f in fields.items():
+            sub = _section_type(hints.get(name))
+            if sub is not None:
+                kwargs[name] = sub.from_mapping(given.get(name), f"{where}.{name}", source)
+            elif name in given:
+                kwargs[name] = given[name]
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _section_type(t):
+    return t if isinstance(t, type) and issubclass(t, Section) else None
