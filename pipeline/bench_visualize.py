@@ -52,8 +52,9 @@ def main(argv=None) -> dict:
 
     dev = resolve_device(args.device, "--device")
     compute = Compute(dev, resolve_precision(args.precision, dev, "--precision"))
-    bb, judge = load_backbone(args.backbone), load_backbone(args.judge)
-    model = imagenet_model(bb).to(dev)
+    bb = load_backbone(args.backbone, key="--backbone")
+    model = imagenet_model(bb, "--backbone").to(dev)
+    judge = imagenet_model(load_backbone(args.judge, key="--judge"), "--judge").to(dev)
     names = imagenet_categories()
     results: dict = {}
     for param in args.params:

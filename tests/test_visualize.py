@@ -206,6 +206,14 @@ def test_last_spatial_activation_finds_the_map_before_pooling(lite0):
     assert name == "layer4" and act.shape == (1, 512, 7, 7)
 
 
+def test_imagenet_images_need_an_imagenet_classifier():
+    bb = load_backbone("squeezenet1_0", "none")  # these weights come with no ImageNet classifier
+    with pytest.raises(PipelineError, match="visualize.imagenet_classes needs an ImageNet classifier"):
+        imagenet_model(bb)
+    with pytest.raises(PipelineError, match="visualize.judge needs"):
+        imagenet_model(bb, "visualize.judge")
+
+
 def test_round_robin_takes_classes_in_turn():
     rows = [Row(f"{c}{i}.jpg", label, "test", "") for c, label, n in (("b", 1, 3), ("a", 0, 1)) for i in range(n)]
     assert [r.path for r in round_robin(rows, 3)] == ["a0.jpg", "b0.jpg", "b1.jpg"]

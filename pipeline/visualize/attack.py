@@ -14,7 +14,6 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -64,10 +63,9 @@ def pgd_attack(
         )
 
 
-def attack_rates(model: nn.Module, x_adv: torch.Tensor, target: int, compute: Compute = CPU,
-                 size: int | None = None) -> dict:
+def attack_rates(model: nn.Module, x_adv: torch.Tensor, target: int, compute: Compute = CPU) -> dict:
     """Share of ``x_adv`` classified as ``target``, and the mean target probability."""
-    prob = class_probabilities(model, x_adv, compute, size)
+    prob = class_probabilities(model, x_adv, compute)
     return {
         "success_rate": round(float((prob.argmax(1) == target).float().mean()), 6),
         "mean_target_prob": round(float(prob[:, target].mean()), 6),
@@ -95,21 +93,14 @@ def correctly_classified(model: nn.Module, root, rows: list[Row], pixels: Callab
     return kept[:limit], (torch.stack(images[:limit]) if images else None)
 
 
-@dataclass(frozen=True)
-class Transfer:
-    """A second network to show the adversarial images to, and its input size."""
-
-    model: nn.Module
-    size: int
-
-
 def run_attack(model: nn.Module, x0: torch.Tensor, *, classes: list[str], source: int, target: int,
-               a: AttackConfig, seed: int, head: str, transfer: Transfer | None, compute: Compute,
+               a: AttackConfig, seed: int, head: str, transfer: nn.Module | None, compute: Compute,
                out_dir: Path, progress: bool = True) -> dict:
     """PGD at every ε of ``a.eps``; writes ``attack.json``, ``attack.csv`` and ``attack/`` PNGs.
 
     Args:
         x0: the correctly classified originals (N, 3, H, W) in [0, 1].
+        transfer: a second network on pixels (it resizes to its own input size), or None.
         head: the attacked head's name (recorded in attack.json).
 
     Returns:
@@ -123,7 +114,7 @@ def run_attack(model: nn.Module, x0: torch.Tensor, *, classes: list[str], source
                          compute=compute)
         r = dict(eps=round(eps, 6), **attack_rates(model, adv, target, compute))
         if transfer is not None:
-            t = attack_rates(transfer.model, adv, target, compute, size=transfer.size)
+            t = attack_rates(transfer, adv, target, compute)
             r["transfer_success_rate"] = t["success_rate"]
             r["transfer_fooled"] = round(t["success_rate"] * t["n_images"])
         per_eps[f"{eps * 255:.3g}/255"] = r

@@ -24,7 +24,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.backbones import Backbone
 from pipeline.config import VisualizeConfig
 from pipeline.fileio import write_json
 from pipeline.visualize import optvis
@@ -33,7 +32,6 @@ from pipeline.visualize.networks import (
     Compute,
     class_probabilities,
     imagenet_categories,
-    imagenet_model,
 )
 from pipeline.visualize.pictures import (
     captioned_grid,
@@ -102,13 +100,14 @@ def ideal_images(
     return torch.cat(out)
 
 
-def judge_scores(judge: Backbone, images: torch.Tensor, targets: list[int], compute: Compute = CPU) -> list[dict]:
+def judge_scores(judge: nn.Module, images: torch.Tensor, targets: list[int], compute: Compute = CPU) -> list[dict]:
     """An independent ImageNet network's view of each image: target probability, rank (1 = top), top class.
 
-    The images are resized to the judge's own crop size.
+    Args:
+        judge: :func:`~pipeline.visualize.networks.imagenet_model` of another
+            backbone; the images are resized to its own crop size.
     """
-    model = imagenet_model(judge).to(compute.device)
-    prob = class_probabilities(model, images, compute, size=judge.transform_spec.crop)
+    prob = class_probabilities(judge, images, compute)
     names = imagenet_categories()
     return [
         {
@@ -142,7 +141,7 @@ class Group:
         return f"in{index}_{name}" if self.imagenet else name
 
 
-def draw_ideal(groups: list[Group], v: VisualizeConfig, *, size: int, judge: Backbone | None,
+def draw_ideal(groups: list[Group], v: VisualizeConfig, *, size: int, judge: nn.Module | None,
                compute: Compute, out_dir: Path, progress: bool = True) -> dict:
     """Draw, score and write every group's ideal images; returns what ideal.json holds.
 

@@ -21,6 +21,7 @@ from torch import nn
 from torchvision.models import ResNet18_Weights
 
 from pipeline.backbones import Backbone
+from pipeline.errors import PipelineError
 from pipeline.runtime import Precision
 from pipeline.serve.bundle import Bundle
 
@@ -50,12 +51,15 @@ class OnPixels(nn.Module):
         center_logits: subtract each row's mean logit. Softmax and argmax are
             unchanged; it gives a binary head's first class (whose logit is the
             constant 0 in ``(0, z)``) the logit ``-z/2``, so maximising it has a gradient.
+        size: the input side the network expects (its crop): :func:`class_probabilities`
+            resizes other images to it, so one network can score another's images.
     """
 
-    def __init__(self, network: nn.Module, mean, std, center_logits: bool = False):
+    def __init__(self, network: nn.Module, mean, std, center_logits: bool = False, size: int | None = None):
         super().__init__()
         self.network = network
         self.center_logits = center_logits
+        self.size = size
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
 
@@ -66,10 +70,18 @@ class OnPixels(nn.Module):
         return logits
 
 
-def imagenet_model(bb: Backbone) -> OnPixels:
-    """The backbone's full ImageNet network on pixels in [0, 1]: 1000 logits."""
+def imagenet_model(bb: Backbone, key: str = "visualize.imagenet_classes") -> OnPixels:
+    """The backbone's full ImageNet network on pixels in [0, 1]: 1000 logits.
+
+    Raises:
+        PipelineError: the weights have no ImageNet classifier (DINOv2, CLIP,
+            ImageNet-21k heads); the message names ``key``, the setting that asked for one.
+    """
+    if not bb.has_imagenet_classifier:
+        raise PipelineError(f"{key} needs an ImageNet classifier, and {bb.name} ({bb.weights}) has none; "
+                            f"choose a backbone that has one (efficientnet_lite2) or leave {key} empty")
     s = bb.transform_spec
-    return OnPixels(nn.Sequential(bb.features, bb.classifier), s.mean, s.std).eval()
+    return OnPixels(nn.Sequential(bb.features, bb.classifier), s.mean, s.std, size=s.crop).eval()
 
 
 def head_model(bundle: Bundle) -> OnPixels:
@@ -82,7 +94,7 @@ def head_model(bundle: Bundle) -> OnPixels:
     constant, so its ideal image can be optimised.
     """
     s = bundle.transform_spec
-    return OnPixels(bundle.network(), s.mean, s.std, center_logits=len(bundle.classes) == 2).eval()
+    return OnPixels(bundle.network(), s.mean, s.std, center_logits=len(bundle.classes) == 2, size=s.crop).eval()
 
 
 def imagenet_categories() -> list[str]:
@@ -98,12 +110,16 @@ def resize(x: torch.Tensor, size: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def class_probabilities(model: nn.Module, images: torch.Tensor, compute: Compute = CPU,
-                        size: int | None = None) -> torch.Tensor:
-    """Softmax of ``model`` on ``images`` (resized to ``size`` first if given), on the CPU in float32."""
+def class_probabilities(model: nn.Module, images: torch.Tensor, compute: Compute = CPU) -> torch.Tensor:
+    """Softmax of ``model`` on ``images``, on the CPU in float32.
+
+    The images are resized to ``model.size`` first where the model has one
+    (:class:`OnPixels`), so a judge or a transfer network of another input size
+    sees them as it expects.
+    """
     x = images.to(compute.device)
-    if size is not None:
-        x = resize(x, size)
+    if getattr(model, "size", None) is not None:
+        x = resize(x, model.size)
     with compute.autocast():
         logits = model(x)
     return logits.float().softmax(1).cpu()

@@ -30,13 +30,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from torch import nn
+
 from pipeline.backbones import load_backbone
 from pipeline.config import AttackConfig, Config
 from pipeline.data.manifest import read_prepared
 from pipeline.errors import PipelineError
 from pipeline.runtime import resolve_device, resolve_precision
 from pipeline.serve.bundle import load_bundle
-from pipeline.visualize.attack import Transfer, correctly_classified, run_attack
+from pipeline.visualize.attack import correctly_classified, run_attack
 from pipeline.visualize.feature_maps import draw_feature_maps
 from pipeline.visualize.ideal import Group, draw_ideal
 from pipeline.visualize.networks import (
@@ -80,13 +82,13 @@ def _source_target(a: AttackConfig, classes: list[str]) -> tuple[int, int]:
     return source, target
 
 
-def _transfer(a: AttackConfig, classes: list[str], compute: Compute) -> Transfer | None:
-    """The second network of ``attack.transfer_to`` + ``transfer_head``, or None."""
+def _transfer(a: AttackConfig, classes: list[str], compute: Compute) -> nn.Module | None:
+    """The second network of ``attack.transfer_to`` + ``transfer_head`` on pixels, or None."""
     if not a.transfer_to:
         return None
     tb = load_backbone(a.transfer_to, "DEFAULT", key="visualize.attack.transfer_to")
     bundle = load_bundle(a.transfer_head, expected=dict(tb.provenance(), classes=classes))
-    return Transfer(head_model(bundle).to(compute.device), bundle.transform_spec.crop)
+    return head_model(bundle).to(compute.device)
 
 
 def run_visualize(cfg: Config, *, prepared_dir="data/prepared", models_dir="models", out_dir="reports/visualize",
@@ -112,6 +114,7 @@ def run_visualize(cfg: Config, *, prepared_dir="data/prepared", models_dir="mode
     compute = Compute(dev, resolve_precision(v.precision, dev, "visualize.precision"))
     prepared = read_prepared(prepared_dir)
     bb = load_backbone(cfg.backbone.name, cfg.backbone.weights, cfg.backbone.input_size)
+    imagenet = imagenet_model(bb).to(dev) if v.imagenet_classes else None  # refuses weights without a classifier
     bundle = load_bundle(models_dir, v.model, expected=dict(bb.provenance(), classes=prepared.classes))
     classes = bundle.classes
     head_ids = _head_classes(v.classes, classes, v.model)
@@ -129,12 +132,14 @@ def run_visualize(cfg: Config, *, prepared_dir="data/prepared", models_dir="mode
             f"no test image of class '{classes[source]}' is classified correctly by the {v.model} head "
             f"({len(candidates)} test images of that class); nothing to attack: set visualize.attack.source"
         )
-    judge = (load_backbone(v.judge, "DEFAULT", key="visualize.judge")
-             if v.imagenet_classes and v.judge else None)
+    judge = None
+    if v.imagenet_classes and v.judge:
+        judge = imagenet_model(load_backbone(v.judge, "DEFAULT", key="visualize.judge"), "visualize.judge").to(dev)
     transfer = _transfer(a, classes, compute)
 
-    groups = [Group(hmodel, head_ids, tuple(classes), imagenet=False),
-              Group(imagenet_model(bb).to(dev), v.imagenet_classes, tuple(imagenet_categories()), imagenet=True)]
+    groups = [Group(hmodel, head_ids, tuple(classes), imagenet=False)]
+    if imagenet is not None:
+        groups.append(Group(imagenet, v.imagenet_classes, tuple(imagenet_categories()), imagenet=True))
     ideal = draw_ideal(groups, v, size=bb.transform_spec.crop, judge=judge, compute=compute, out_dir=out_dir,
                        progress=progress)
     attack = run_attack(hmodel, x0, classes=classes, source=source, target=target, a=a, seed=v.seed,
