@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from pipeline.backbones import load_backbone
+from pipeline.data.manifest import Row
 from pipeline.errors import PipelineError
 from pipeline.extract.local import extract_features
 from pipeline.fileio import write_json
@@ -48,7 +49,7 @@ def images(tmp_path):
     for i in range(4):
         path = root / "a" / f"{i}.png"
         Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(path)
-        rows.append((f"a/{i}.png", 0, "train", hashlib.sha256(path.read_bytes()).hexdigest()))
+        rows.append(Row(f"a/{i}.png", 0, "train", hashlib.sha256(path.read_bytes()).hexdigest()))
     return root, rows
 
 

@@ -113,7 +113,7 @@ def test_train_head_streams_saves_and_folds_into_torch(catsdogs_features, tmp_pa
     assert json.loads((tmp_path / "cv_logreg.json").read_text()) == {"logreg": summary}
 
     fs = open_cache(catsdogs_features)
-    expected = {k: fs.attrs[k] for k in CHECKED_ATTRS}
+    expected = {k: fs.attrs[k] for k in CHECKED_ATTRS if k in fs.attrs}
     expected["classes"] = fs.classes
     bundle = load_head(tmp_path / "models" / "logreg.joblib", expected)
     assert bundle["best_C"] == summary["best_C"]
