@@ -105,7 +105,7 @@ def use_compile_cache(folder: str | os.PathLike) -> Path:
 def compile_cache_warm() -> bool:
     """True when the compile cache holds compiled graphs from an earlier run."""
     folder = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    return bool(folder) and any((Path(folder) / "fxgraph").rglob("*")) if folder else False
+    return bool(folder) and any((Path(folder) / "fxgraph").rglob("*"))
 
 
 def process_age() -> float | None:

@@ -10,7 +10,7 @@ from pipeline.config.checks import (
     check_split_params,
 )
 from pipeline.errors import PipelineError
-from pipeline.heads.registry import HEADS
+from pipeline.heads.registry import HEADS, check_grid
 from pipeline.runtime import PRECISIONS
 
 @dataclass(frozen=True)
@@ -93,17 +93,14 @@ class HeadConfig(Section):
 
     C: Any = None
     max_iter: int | None = None
-    _name: str = ""
 
     def check(self, name: str) -> "HeadConfig":
+        """This head's settings with the registry's defaults filled in, checked."""
         spec = HEADS[name]
-        C = spec.C if self.C is None else self.C
-        grid = [C] if isinstance(C, (int, float)) else list(C) if isinstance(C, (list, tuple)) else None
-        if not grid or not all(_is_num(c) and c > 0 for c in grid):
-            raise PipelineError(f"heads.{name}.C must be a positive number or a list of them, found {C!r}")
+        grid = check_grid(name, spec.C if self.C is None else self.C)
         max_iter = spec.max_iter if self.max_iter is None else self.max_iter
         _int(f"heads.{name}", "max_iter", max_iter, lo=1)
-        return HeadConfig(C=tuple(float(c) for c in grid), max_iter=int(max_iter), _name=name)
+        return HeadConfig(C=tuple(float(c) for c in grid), max_iter=int(max_iter))
 
 
 @dataclass(frozen=True)

@@ -248,10 +248,18 @@ class StreamedFeatures:
         return self._column("sha256")
 
     def mask(self, split: str) -> np.ndarray:
-        """Boolean per row: is it in ``split``?"""
+        """Boolean per row: is it in ``split``? Built chunk by chunk: one byte per row, not a string."""
         key = f"mask:{split}"
         if key not in self._cols:
-            self._cols[key] = self.splits == split
+            if "splits" in self._cols:
+                self._cols[key] = self._cols["splits"] == split
+            else:
+                out = np.zeros(self.n, dtype=bool)
+                with self.open() as h5:
+                    ds = h5["splits"].asstr()
+                    for s, e in self.ranges():
+                        out[s:e] = np.asarray(ds[s:e]) == split
+                self._cols[key] = out
         return self._cols[key]
 
     def labels_of(self, split: str) -> np.ndarray:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 
 from pipeline.data.manifest import Row
 from pipeline.data.transform import TransformSpec
@@ -69,7 +68,7 @@ def run_batches(runner: Runner, spec: TransformSpec, batches, timing: Timing, n_
         yield chunk, f[: len(chunk)], reasons
 
 
-def good_rows(chunk: list[Row], feats: np.ndarray, reasons) -> tuple[list[int], list[tuple[Row, str]]]:
+def good_rows(chunk: list[Row], reasons) -> tuple[list[int], list[tuple[Row, str]]]:
     """Indices of the usable rows of a batch, and ``(row, reason)`` of the others."""
     ok = [i for i, why in enumerate(reasons) if why is None]
     bad = [(chunk[i], why) for i, why in enumerate(reasons) if why is not None]

@@ -112,7 +112,7 @@ def _compute(runner: Runner, backbone: Backbone, todo: list[Row], root: Path, st
             for chunk, f, reasons in run_batches(runner, spec, source, timing, n_total=len(todo)):
                 if bar.n == 0 and (age := process_age()) is not None:
                     tqdm.write(f"extract: first batch after {age:.1f} s")
-                ok, bad = good_rows(chunk, f, reasons)
+                ok, bad = good_rows(chunk, reasons)
                 for row, why in bad:
                     failed[row.sha256] = why
                     tqdm.write(f"extract: skipped {row.path}: {why}")

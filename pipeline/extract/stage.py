@@ -14,18 +14,17 @@ from pipeline.extract.compute import ExtractResult
 from pipeline.extract.local import extract_features
 from pipeline.extract.ray_executor import extract_with_ray
 from pipeline.fileio import write_json
-from pipeline.runtime import resolve_device, resolve_precision, use_compile_cache
+from pipeline.runtime import process_age, resolve_device, resolve_precision, use_compile_cache
 
 
 def run_extract(*, backbone: BackboneConfig, extract: ExtractConfig, prepared_dir="data/prepared",
-                out_dir="data/features", metrics_path=None, t_process: float | None = None) -> ExtractResult:
+                out_dir="data/features", metrics_path=None) -> ExtractResult:
     """Run the stage and, if ``metrics_path`` is given, write its speed there.
 
-    Args:
-        t_process: ``time.perf_counter()``-comparable start of the process, so the
-            reported wall time counts start-up too (defaults to this call's start).
+    The wall time reported counts from process start (imports included) where
+    the system says when that was, else from this call.
     """
-    t0 = time.perf_counter() if t_process is None else t_process
+    t0 = time.perf_counter()
     use_compile_cache(Path(extract.store or "data/cache/features").parent / "inductor")
     prepared = read_prepared(prepared_dir)
     out = features_path(out_dir, backbone.name)
@@ -56,7 +55,8 @@ def run_extract(*, backbone: BackboneConfig, extract: ExtractConfig, prepared_di
         )
     speed = f" at {res.images_per_second:.1f} images/s ({res.mode})" if res.n_computed else ""
     compiled = f", compile {res.compile_seconds:.1f} s" if res.compile_seconds else ""
-    wall = time.perf_counter() - t0
+    age = process_age()
+    wall = age if age is not None else time.perf_counter() - t0
     print(f"extract: {res.n_images} images in {wall:.1f} s: {res.n_computed} computed{speed}{compiled}, "
           f"{res.n_reused} reused from {e.store or 'no store'}, {res.n_skipped} skipped", flush=True)
     if metrics_path:
