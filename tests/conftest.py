@@ -9,6 +9,7 @@ them skip with a message saying so; with ``TL_REQUIRE_SAMPLE_DATA=1`` (set by
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -56,6 +57,11 @@ def _deep_update(base: dict, new: dict) -> dict:
 
 class Project:
     """A fresh git + DVC repository holding a copy of this project's pipeline."""
+
+    @staticmethod
+    def ran(out: str) -> set[str]:
+        """The stages a ``dvc repro`` output says it ran."""
+        return set(re.findall(r"Running stage '([^']+)'", out))
 
     def __init__(self, path: Path):
         self.path = path

@@ -8,6 +8,7 @@ PNGs the stage wrote.
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,6 +17,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipeline.backbones import load_backbone
+from pipeline.data.transform import TransformSpec
+from pipeline.finetune.checkpoint import load_finetuned
 from pipeline.visualize.networks import imagenet_categories
 
 #: The judge of the ImageNet-class images (visualize.judge's default).
@@ -42,8 +45,27 @@ def imagenet_prob(bb, x: torch.Tensor) -> torch.Tensor:
         return bb.classifier(features_of(bb, x)).softmax(1)
 
 
-def check_ideal(ideal: dict, folder: Path, lite0, head) -> None:
-    """Every number of ideal.json, recomputed from the PNGs: scikit-learn for the head, plain forward passes."""
+def head_prob(head: dict, bb):
+    """A saved head's probabilities of pixels: scikit-learn on ``bb``'s plain features."""
+    return lambda x: head["estimator"].predict_proba(features_of(bb, x).numpy())
+
+
+def finetuned_prob(path: Path):
+    """The fine-tuned network's probabilities of pixels: its plain forward pass, resized and normalised."""
+    net, info = load_finetuned(path)
+    s = TransformSpec.from_dict(info["transform"])
+    bb = SimpleNamespace(transform_spec=s, features=lambda x: net(x))  # features_of's resize + normalisation
+    return lambda x: features_of(bb, x).softmax(1).numpy()
+
+
+def check_ideal(ideal: dict, folder: Path, lite0, classes: list[str], prob) -> None:
+    """Every number of ideal.json, recomputed from the PNGs with plain forward passes.
+
+    Args:
+        lite0: the backbone whose ImageNet classifier drew the ImageNet classes.
+        classes, prob: the drawn model's classes, and its probabilities of
+            pixels in [0, 1] (:func:`head_prob`, :func:`finetuned_prob`).
+    """
     judge = load_backbone(JUDGE)
     for key, row in ideal.items():
         x = png_pixels(folder / f"{key}.png")[None]
@@ -58,7 +80,6 @@ def check_ideal(ideal: dict, folder: Path, lite0, head) -> None:
             assert row["judge_rank"] == int((p > p[c]).sum()) + 1, key
             assert row["judge_top1"] == imagenet_categories()[int(p.argmax())], key
         else:
-            c = head["classes"].index(row["class"])
-            want = head["estimator"].predict_proba(features_of(lite0, x).numpy())[0, c]
+            want = prob(x)[0, classes.index(row["class"])]
             assert row["target_prob"] == pytest.approx(want, abs=1e-4), key
             assert row["judge_prob"] is None and row["judge_note"]

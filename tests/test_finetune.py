@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 
 import numpy as np
 import pytest
@@ -280,11 +279,6 @@ def test_network_starts_at_the_logreg_heads_accuracy(catsdogs):
     np.testing.assert_allclose(probs, head.predict_proba(Xt), atol=1e-4)
 
 
-def _ran(out: str) -> set[str]:
-    """The stages a ``dvc repro`` output says it ran."""
-    return set(re.findall(r"Running stage '([^']+)'", out))
-
-
 @pytest.mark.slow
 @pytest.mark.sample_data
 def test_catsdogs_repro_through_finetune_and_a_new_C_reruns_only_that_head(project, catsdogs):
@@ -296,7 +290,7 @@ def test_catsdogs_repro_through_finetune_and_a_new_C_reruns_only_that_head(proje
     project.commit("catsdogs with the finetune stage")
     out = project.dvc("repro", "finetune", "evaluate").stdout
     root = project.path
-    assert _ran(out) == {"prepare", "extract", "train_heads@logreg", "train_heads@svm", "finetune", "evaluate"}
+    assert project.ran(out) == {"prepare", "extract", "train_heads@logreg", "train_heads@svm", "finetune", "evaluate"}
     # The estimate comes before the first epoch's result, within the first batches.
     assert out.index("s per epoch") < out.index("finetune: epoch 1"), out
 
@@ -335,10 +329,10 @@ def test_catsdogs_repro_through_finetune_and_a_new_C_reruns_only_that_head(proje
     project.set_params(heads={"logreg": {"C": [0.5]}})
     out = project.dvc("repro", "finetune", "evaluate").stdout
     # prepare always re-scans the photo folder (always_changed); its manifest is unchanged.
-    assert _ran(out) - {"prepare"} == {"train_heads@logreg", "evaluate"}, out
+    assert project.ran(out) - {"prepare"} == {"train_heads@logreg", "evaluate"}, out
     assert json.loads((root / "reports/finetune_metrics.json").read_text()) == report
     # Nothing downstream of a head but the heads' evaluation (visualize included).
-    for stage in ("finetune",):
+    for stage in ("finetune", "visualize"):
         assert "train_heads" not in project.dvc("dag", "--dot", stage).stdout, stage
 
 

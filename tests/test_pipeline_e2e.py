@@ -7,10 +7,9 @@ import json
 import h5py
 import numpy as np
 import pytest
-from helpers_visualize import check_ideal
+from helpers_visualize import check_ideal, finetuned_prob
 
 from pipeline.backbones import load_backbone
-from pipeline.heads.model import load_head
 
 pytestmark = [pytest.mark.slow, pytest.mark.sample_data]
 
@@ -91,8 +90,9 @@ def test_catsdogs_repro_metrics_schema_and_granular_rerun(project, catsdogs):
     # number recomputed from the PNGs it wrote.
     ideal = json.loads((root / "reports/visualize/ideal.json").read_text())
     assert set(ideal) == {"cat", "dog", "in285_egyptian_cat"}
-    check_ideal(ideal, root / "reports/visualize/ideal", load_backbone("efficientnet_lite0"),
-                load_head(root / "models/logreg.joblib"))
+    # Drawn with the fine-tuned network (visualize.model's default), not a head.
+    check_ideal(ideal, root / "reports/visualize/ideal", load_backbone("efficientnet_lite0"), classes,
+                finetuned_prob(root / "models/finetune.pt"))
     attack = json.loads((root / "reports/visualize/attack.json").read_text())
     assert (attack["source"], attack["target"]) == ("dog", "cat")
     rates = [e["success_rate"] for e in attack["eps"].values()]
@@ -105,16 +105,21 @@ def test_catsdogs_repro_metrics_schema_and_granular_rerun(project, catsdogs):
     project.dvc("plots", "show", "-o", str(project.path / "plots_html"))
     assert (project.path / "plots_html" / "index.html").is_file()
 
-    # Changing only a head's C re-runs that head and the evaluation, not extract.
+    # Changing only a head's C, then a plain `dvc repro`: that head and the heads'
+    # evaluation run; extraction, the other head, fine-tuning and visualize do not.
     project.commit("first run")
     first_c = json.loads((root / "reports/cv_logreg.json").read_text())["logreg"]["best_C"]
     before = h5_path.stat().st_mtime_ns
+    unchanged = {f: (root / f).read_bytes() for f in ("models/finetune.pt", "reports/finetune_metrics.json",
+                                                       "reports/visualize/ideal.json", "models/svm.joblib")}
     project.set_params(heads={"logreg": {"C": [0.5]}})
-    out = project.dvc("repro", "evaluate").stdout
-    assert "Stage 'extract' didn't change, skipping" in out, out
-    assert "Running stage 'train_heads@logreg'" in out, out
-    assert "Stage 'train_heads@svm' didn't change, skipping" in out, out
+    out = project.dvc("repro").stdout
+    # prepare always re-scans the photo folder (always_changed); its manifest is unchanged.
+    assert project.ran(out) - {"prepare"} == {"train_heads@logreg", "evaluate"}, out
+    for stage in ("extract", "train_heads@svm", "finetune", "visualize"):
+        assert f"Stage '{stage}' didn't change, skipping" in out, (stage, out)
     assert h5_path.stat().st_mtime_ns == before
+    assert {f: (root / f).read_bytes() for f in unchanged} == unchanged
     cv = json.loads((root / "reports/cv_logreg.json").read_text())
     assert cv["logreg"]["best_C"] == 0.5
 

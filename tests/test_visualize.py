@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers_visualize import check_ideal, features_of
+from helpers_visualize import check_ideal, features_of, head_prob
 from PIL import Image
 
 from pipeline.backbones import load_backbone
@@ -109,8 +109,9 @@ def _config(visualize: dict, backbone: str = BACKBONE):
 
 
 def _run(root: Path, out: Path, **visualize) -> dict:
-    return run_visualize(_config(visualize), prepared_dir=root / "data/prepared", models_dir=root / "models",
-                         out_dir=out, progress=False)
+    """The stage with the project's logreg head (these projects have no fine-tuned network)."""
+    visualize.setdefault("model", str(root / "models/logreg.joblib"))
+    return run_visualize(_config(visualize), prepared_dir=root / "data/prepared", out_dir=out, progress=False)
 
 
 class _Tiny(torch.nn.Module):
@@ -226,7 +227,8 @@ def test_settings_are_checked():
     bad = [
         ({"param": "wavelet"}, "visualize.param"),
         ({"stpes": 3}, "visualize.stpes"),
-        ({"model": "forest"}, "visualize.model"),
+        ({"model": "forest"}, "visualize.model must be a model file"),
+        ({"model": "logreg"}, r"models/<head>.joblib \(logreg, svm\)"),
         ({"precision": "fp8"}, "visualize.precision"),
         ({"attack": {"eps": [0, 2]}}, "attack.eps"),
         ({"attack": {"random_start": "yes"}}, "attack.random_start"),
@@ -386,7 +388,8 @@ def test_stage_writes_images_and_reports(cd_project, tmp_path, lite0):
 
     ideal = json.loads((out / "ideal.json").read_text())
     assert list(ideal) == ["cat", "dog", "in285_egyptian_cat", "in340_zebra"]
-    check_ideal(ideal, out / "ideal", lite0, load_head(root / "models/logreg.joblib"))
+    head = load_head(root / "models/logreg.joblib")
+    check_ideal(ideal, out / "ideal", lite0, head["classes"], head_prob(head, lite0))
     for key in ideal:
         with Image.open(out / "ideal" / f"{key}.png") as im:
             assert im.size == (224, 224) and im.mode == "RGB"
@@ -439,6 +442,8 @@ def test_stage_needs_no_feature_cache_and_refuses_bad_input(cd_project, tmp_path
     with pytest.raises(PipelineError, match=r"unknown backbone 'no_such_net' \(visualize.attack.transfer_to\)"):
         _run(root, tmp_path / "out", **dict(tiny, attack=dict(tiny["attack"], transfer_to="no_such_net",
                                                                transfer_head="models/logreg.joblib")))
+    with pytest.raises(PipelineError, match=r"fine-tuned model .*models/finetune.pt not found; run the finetune"):
+        _run(root, tmp_path / "out", **dict(tiny, model=str(root / "models/finetune.pt")))
     with pytest.raises(PipelineError, match="not a class of the logreg head"):
         _run(root, tmp_path / "out", **dict(tiny, classes=["horse"]))
     with pytest.raises(PipelineError, match="attack.target 'horse'"):

@@ -20,6 +20,7 @@ from pipeline.runtime import DEVICES
 SOURCES = ("cats-vs-dogs", "folder", "oxford-iiit-pet")  # pipeline.data.sources
 DECODERS = ("auto", "pillow", "pillow-exact", "torchvision")  # pipeline.extract.decode
 PARAMETERISATIONS = ("fourier", "pixel")  # pipeline.visualize.optvis
+MODEL_SUFFIXES = (".pt", ".joblib")  # pipeline.serve.bundle: the fine-tuned network, a head
 
 # ------------------------------------------------------------------- checks
 

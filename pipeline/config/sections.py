@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.config.checks import (
-    DECODERS, PARAMETERISATIONS, SOURCES, Section, _bad, _choice, _device, _int, _is_int, _is_num, _num,
-    check_split_params,
+    DECODERS, MODEL_SUFFIXES, PARAMETERISATIONS, SOURCES, Section, _bad, _choice, _device, _int, _is_int,
+    _is_num, _num, check_split_params,
 )
 from pipeline.errors import PipelineError
 from pipeline.heads.registry import HEADS, check_grid
@@ -250,7 +250,7 @@ class FeatureMapsConfig(Section):
 class VisualizeConfig(Section):
     classes: Any = ()
     imagenet_classes: Any = (285, 340)
-    model: str = "logreg"
+    model: str = "models/finetune.pt"
     param: str = "fourier"
     steps: int = 256
     lr: float = 0.05
@@ -265,7 +265,10 @@ class VisualizeConfig(Section):
 
     def __post_init__(self):
         w = "visualize"
-        _choice(w, "model", self.model, tuple(HEADS))
+        # A file, not a name: dvc.yaml lists it as the stage's dependency as it is.
+        if not isinstance(self.model, str) or not self.model.endswith(MODEL_SUFFIXES):
+            raise _bad(f"{w}.model", "a model file: models/finetune.pt (the fine-tuned network) or "
+                       f"models/<head>.joblib ({', '.join(HEADS)})", self.model)
         _choice(w, "param", self.param, PARAMETERISATIONS)
         _int(w, "steps", self.steps, lo=1)
         _num(w, "lr", self.lr)

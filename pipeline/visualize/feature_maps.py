@@ -16,9 +16,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from pipeline.backbones import Backbone
 from pipeline.config import FeatureMapsConfig
 from pipeline.data.manifest import Row
+from pipeline.data.transform import TransformSpec
 from pipeline.visualize.networks import CPU, Compute
 from pipeline.visualize.pictures import fresh_dir, load_pixels, save_png, slug, to_pil
 
@@ -70,7 +70,7 @@ def last_spatial_activation(model: nn.Module, x: torch.Tensor) -> tuple[str, tor
     return found[0]
 
 
-def feature_map_panel(bb: Backbone, x: torch.Tensor, channels: int = 16,
+def feature_map_panel(features: nn.Module, spec: TransformSpec, x: torch.Tensor, channels: int = 16,
                       compute: Compute = CPU) -> tuple[Image.Image, str]:
     """The input image beside its ``channels`` strongest last-conv feature maps.
 
@@ -79,16 +79,18 @@ def feature_map_panel(bb: Backbone, x: torch.Tensor, channels: int = 16,
     the real resolution of the map).
 
     Args:
+        features: the network's feature extractor (a backbone's, or a fine-tuned one).
+        spec: its input normalisation.
         x: one image (3, H, W) in [0, 1].
 
     Returns:
         the panel and the name of the module whose output is shown.
     """
-    s = bb.transform_spec
+    s = spec
     mean = torch.tensor(s.mean).view(1, 3, 1, 1)
     std = torch.tensor(s.std).view(1, 3, 1, 1)
     with compute.autocast():
-        name, act = last_spatial_activation(bb.features.to(compute.device),
+        name, act = last_spatial_activation(features.to(compute.device),
                                             ((x[None] - mean) / std).to(compute.device))
     act = act[0].float().cpu()
     top = act.mean((1, 2)).argsort(descending=True)[: max(1, int(channels))]
@@ -118,14 +120,14 @@ def round_robin(rows: list[Row], n: int) -> list[Row]:
     return picks[:n]
 
 
-def draw_feature_maps(bb: Backbone, root, rows: list[Row], pixels: Callable, fm: FeatureMapsConfig,
+def draw_feature_maps(features: nn.Module, spec: TransformSpec, root, rows: list[Row], pixels: Callable, fm: FeatureMapsConfig,
                       classes: list[str], compute: Compute, out_dir: Path) -> list[str]:
     """Write ``feature_maps/<k>_<class>.png`` for ``fm.images`` of ``rows``; returns the files' names."""
     kept, xs = load_pixels(root, round_robin(rows, fm.images), pixels)
     names, module = [], None
     with fresh_dir(out_dir / "feature_maps") as folder:
         for k, (row, x) in enumerate(zip(kept, xs if xs is not None else [])):
-            panel, module = feature_map_panel(bb, x, fm.channels, compute)
+            panel, module = feature_map_panel(features, spec, x, fm.channels, compute)
             names.append(f"{k}_{slug(classes[row.label])}.png")
             save_png(panel, folder / names[-1])
     if module:

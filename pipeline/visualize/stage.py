@@ -1,6 +1,7 @@
 """The ``visualize`` stage: what the trained model looks for, and how easily it is fooled.
 
-Three views of the backbone + head, one differentiable torch model on pixels
+Three views of the model drawn with (``visualize.model``: the fine-tuned network by
+default, or a head on its backbone), one differentiable torch model on pixels
 (:mod:`pipeline.visualize.networks`), each in its own module:
 
 * **ideal class images** (:mod:`pipeline.visualize.ideal`), judged by an
@@ -49,19 +50,24 @@ from pipeline.visualize.networks import (
 )
 
 
-def _head_classes(names, classes: list[str], head: str) -> tuple[int, ...]:
-    """``visualize.classes`` as indices of the head's classes; all of them when empty."""
+def _what(bundle) -> str:
+    """The model drawn with, in words: ``the logreg head`` or ``the fine-tuned network``."""
+    return f"the {bundle.name} head" if bundle.kind == "head" else "the fine-tuned network"
+
+
+def _head_classes(names, classes: list[str], what: str) -> tuple[int, ...]:
+    """``visualize.classes`` as indices of the model's classes; all of them when empty."""
     if not names:
         return tuple(range(len(classes)))
     out = []
     for n in names:
         if isinstance(n, int) and not isinstance(n, bool):
             raise PipelineError(
-                f"visualize.classes takes class names of the {head} head; put ImageNet id {n} "
+                f"visualize.classes takes class names of {what}; put ImageNet id {n} "
                 "in visualize.imagenet_classes"
             )
         if n not in classes:
-            raise PipelineError(f"visualize.classes names '{n}', not a class of the {head} head; classes: {classes}")
+            raise PipelineError(f"visualize.classes names '{n}', not a class of {what}; classes: {classes}")
         out.append(classes.index(n))
     return tuple(out)
 
@@ -70,7 +76,7 @@ def _class_index(name: str, classes: list[str], key: str, default: int) -> int:
     if name in ("", None):
         return default
     if name not in classes:
-        raise PipelineError(f"visualize.attack.{key} '{name}' is not a class of the head; classes: {classes}")
+        raise PipelineError(f"visualize.attack.{key} '{name}' is not a class of the model; classes: {classes}")
     return classes.index(name)
 
 
@@ -91,22 +97,25 @@ def _transfer(a: AttackConfig, classes: list[str], compute: Compute) -> nn.Modul
     return head_model(bundle).to(compute.device)
 
 
-def run_visualize(cfg: Config, *, prepared_dir="data/prepared", models_dir="models", out_dir="reports/visualize",
+def run_visualize(cfg: Config, *, prepared_dir="data/prepared", out_dir="reports/visualize",
                   progress: bool = True) -> dict:
     """The ``visualize`` stage: ideal class images, adversarial examples, feature maps.
 
     Args:
-        cfg: the configuration; reads ``backbone`` and ``visualize``.
-        prepared_dir, models_dir: the earlier stages' outputs.
+        cfg: the configuration; reads ``backbone`` and ``visualize``. The model
+            drawn with is the file ``visualize.model``: by default the fine-tuned
+            network, whose inputs are not ``heads.*``, so tuning a head never
+            re-runs this stage.
+        prepared_dir: the prepare stage's output.
         out_dir: where the outputs go (``reports/visualize``).
 
     Returns:
         ``{"ideal": ..., "attack": ...}``, the contents of ideal.json and attack.json.
 
     Raises:
-        PipelineError: a stale head (made with another backbone, weights,
-            transform or class list), a class that the head does not have, or
-            a bad setting.
+        PipelineError: a missing or stale model (made with another backbone,
+            weights, transform or class list), a class that the model does not
+            have, or a bad setting.
     """
     v, a = cfg.visualize, cfg.visualize.attack
     out_dir = Path(out_dir)
@@ -115,12 +124,12 @@ def run_visualize(cfg: Config, *, prepared_dir="data/prepared", models_dir="mode
     prepared = read_prepared(prepared_dir)
     bb = load_backbone(cfg.backbone.name, cfg.backbone.weights, cfg.backbone.input_size)
     imagenet = imagenet_model(bb).to(dev) if v.imagenet_classes else None  # refuses weights without a classifier
-    bundle = load_bundle(models_dir, v.model, expected=dict(bb.provenance(), classes=prepared.classes))
-    classes = bundle.classes
-    head_ids = _head_classes(v.classes, classes, v.model)
+    bundle = load_bundle(v.model, expected=dict(bb.provenance(), classes=prepared.classes))
+    classes, what = bundle.classes, _what(bundle)
+    head_ids = _head_classes(v.classes, classes, what)
     source, target = _source_target(a, classes)
     hmodel = head_model(bundle).to(dev)
-    print(f"visualize: {bb.name} + {v.model} head ({len(classes)} classes) on {dev}, "
+    print(f"visualize: {what} ({v.model}, {bb.name}, {len(classes)} classes) on {dev}, "
           f"{compute.precision.name} ({compute.precision.reason})", flush=True)
 
     # Everything that can fail on a setting is loaded before the long optimisations.
@@ -129,7 +138,7 @@ def run_visualize(cfg: Config, *, prepared_dir="data/prepared", models_dir="mode
     _, x0 = correctly_classified(hmodel, prepared.root, candidates, pixels, source, a.max_images, compute)
     if x0 is None:
         raise PipelineError(
-            f"no test image of class '{classes[source]}' is classified correctly by the {v.model} head "
+            f"no test image of class '{classes[source]}' is classified correctly by {what} "
             f"({len(candidates)} test images of that class); nothing to attack: set visualize.attack.source"
         )
     judge = None
@@ -143,6 +152,8 @@ def run_visualize(cfg: Config, *, prepared_dir="data/prepared", models_dir="mode
     ideal = draw_ideal(groups, v, size=bb.transform_spec.crop, judge=judge, compute=compute, out_dir=out_dir,
                        progress=progress)
     attack = run_attack(hmodel, x0, classes=classes, source=source, target=target, a=a, seed=v.seed,
-                        head=v.model, transfer=transfer, compute=compute, out_dir=out_dir, progress=progress)
-    draw_feature_maps(bb, prepared.root, test, pixels, v.feature_maps, classes, compute, out_dir)
+                        head=bundle.name, transfer=transfer, compute=compute, out_dir=out_dir, progress=progress)
+    # The maps of the network drawn with: a fine-tuned backbone's own filters, not the pretrained ones.
+    draw_feature_maps(hmodel.network.features, bb.transform_spec, prepared.root, test, pixels, v.feature_maps,
+                      classes, compute, out_dir)
     return {"ideal": ideal, "attack": attack}
