@@ -23,11 +23,12 @@ from pipeline.extract.cache import FeatureSet
 from pipeline.finetune.checkpoint import load_finetuned, save_finetuned
 from pipeline.finetune.data import loader, split_validation
 from pipeline.finetune.network import (
+    LOWER_GROUPS,
     FineTuneNet,
     build_network,
     unfreeze_modules,
 )
-from pipeline.finetune.train import fit, predict_logits
+from pipeline.finetune.train import _optimizer, fit, predict_logits
 from pipeline.heads.batch import make_head
 from pipeline.serve.predict import best_model
 
@@ -94,6 +95,52 @@ def test_every_backbone_has_a_last_stage_rule_that_trains_a_part():
         assert head < counts["last"] < counts["all"], (name, counts)
 
 
+def test_progressive_unfreezing_opens_one_depth_group_per_epoch_at_decayed_rates():
+    bb = load_backbone("resnet18", "none")
+    net = FineTuneNet(bb.features, nn.Linear(bb.feature_dim, 3))
+
+    def trainable():
+        return {n for n, p in net.named_parameters() if p.requires_grad}
+
+    unfreeze_modules(net, "resnet18", "last")
+    last = trainable()
+    unfreeze_modules(net, "resnet18", "all")
+    every = trainable()
+    opened = []
+    for epoch in range(1, 7):
+        groups = unfreeze_modules(net, "resnet18", "progressive", epoch)
+        opened.append(trainable())
+    # The head, the last stage, then LOWER_GROUPS slices below it; each parameter in one group.
+    assert len(groups) == 2 + LOWER_GROUPS
+    ids = [id(p) for g in groups for m in g for p in m.parameters()]
+    assert len(ids) == len(set(ids)) == len(list(net.parameters()))
+    assert opened[0] == last and all(a < b for a, b in zip(opened, opened[1:LOWER_GROUPS + 1]))
+    assert opened[LOWER_GROUPS] == opened[-1] == every == {n for n, _ in net.named_parameters()}
+    assert {n.split(".")[1] for n in last if n.startswith("features.")} == {"layer4"}
+    assert any(n.startswith("features.conv1") for n in opened[LOWER_GROUPS] - opened[LOWER_GROUPS - 1])
+
+    # Layer-wise decay: the head at lr_head, depth group k at lr_backbone * lr_decay**k.
+    opt = _optimizer(groups, dataclasses.replace(FAST, lr_head=3e-4, lr_backbone=1e-4, lr_decay=0.5))
+    rate = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert rate[id(net.head.weight)] == 3e-4
+    for k, group in enumerate(groups[1:]):
+        assert {rate[id(p)] for m in group for p in m.parameters()} == {1e-4 * 0.5**k}, k
+
+
+def test_progressive_fit_trains_the_last_stage_first_then_more(tiny):
+    _, net, folder, rows = tiny
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    logged = []
+    _fit(net, folder, rows, unfreeze="progressive", lr_backbone=1e-2, log=logged.append)
+    changed = {n.split(".")[1] for n, p in net.named_parameters() if not torch.equal(before[n], p)}
+    assert changed == {"layer4", "weight", "bias"}, changed  # layer4 and the head after epoch 1
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    _fit(net, folder, rows, unfreeze="progressive", lr_backbone=1e-2, epochs=2, log=logged.append)
+    changed = {n.split(".")[1] for n, p in net.named_parameters() if not torch.equal(before[n], p)}
+    assert "layer4" in changed and "layer3" in changed and "conv1" not in changed, changed
+    assert any("epoch 2 trains the last 2 of 4 depth groups" in line for line in logged), logged
+
+
 def test_unknown_unfreeze_and_architecture_are_one_line_errors(tiny):
     _, net, _, _ = tiny
     with pytest.raises(PipelineError, match="finetune.unfreeze 'some'"):
@@ -114,6 +161,8 @@ def test_bad_params_name_the_key():
         ({"ema": 1.0}, "finetune.ema must be a number in \\[0, 1\\), found 1.0"),
         ({"tta_flip": "yes"}, "finetune.tta_flip must be true or false, found 'yes'"),
         ({"head_C": 0}, "finetune.head_C must be a number in \\(0, inf\\), found 0"),
+        ({"lr_decay": 1.5}, "finetune.lr_decay must be a number in \\(0, 1\\], found 1.5"),
+        ({"unfreeze": "gradual"}, "unknown finetune.unfreeze 'gradual'; accepted: none, last, all, progressive"),
     ]:
         with pytest.raises(PipelineError, match=fragment):
             FinetuneConfig.from_mapping(bad, "finetune")

@@ -160,7 +160,7 @@ class HeadsConfig:
         return d
 
 
-UNFREEZE = ("none", "last", "all")
+UNFREEZE = ("none", "last", "all", "progressive")  # pipeline.finetune.network
 
 
 @dataclass(frozen=True)
@@ -170,6 +170,7 @@ class FinetuneConfig(Section):
     batch_size: int = 16
     lr_head: float = 3e-4
     lr_backbone: float = 1e-4
+    lr_decay: float = 1.0  # layer-wise: each depth group below the last stage trains at this x the rate above it
     weight_decay: float = 0.01
     warmup_fraction: float = 0.1
     label_smoothing: float = 0.1
@@ -188,6 +189,7 @@ class FinetuneConfig(Section):
         w = "finetune"
         _num(w, "head_C", self.head_C)
         _num(w, "ema", self.ema, hi=1, lo_open=False)
+        _num(w, "lr_decay", self.lr_decay, hi=1, hi_open=False)
         if not isinstance(self.tta_flip, bool):
             raise _bad(f"{w}.tta_flip", "true or false", self.tta_flip)
         _choice(w, "unfreeze", self.unfreeze, UNFREEZE)

@@ -30,7 +30,7 @@ from pipeline.config import FinetuneConfig
 from pipeline.data.manifest import Row
 from pipeline.data.transform import TransformSpec
 from pipeline.finetune.data import check_batch, decode_workers, loader
-from pipeline.finetune.network import FineTuneNet, set_train_mode, unfreeze_modules
+from pipeline.finetune.network import FineTuneNet, open_modules, set_train_mode, unfreeze_modules
 from pipeline.runtime import Precision, resolve_device, resolve_precision
 
 FP32 = Precision("fp32", "fp32")
@@ -92,18 +92,24 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _optimizer(trainable: list[nn.Module], cfg: FinetuneConfig) -> torch.optim.AdamW:
-    """AdamW; the backbone at a lower rate; no decay on biases and norm parameters."""
-    groups = []
-    for lr, modules in ((cfg.lr_head, trainable[:1]), (cfg.lr_backbone, trainable[1:])):
-        params = [p for m in modules for p in m.parameters() if p.requires_grad]
+def _optimizer(groups: list[list[nn.Module]], cfg: FinetuneConfig) -> torch.optim.AdamW:
+    """AdamW over every group that may train, frozen ones included (they have no gradient until opened).
+
+    The head trains at ``lr_head``; backbone depth group k (0 = the last stage)
+    at ``lr_backbone * lr_decay**k``: lower layers hold more general filters,
+    which small steps keep. No weight decay on biases and norm parameters.
+    """
+    rates = [cfg.lr_head, *(cfg.lr_backbone * cfg.lr_decay**k for k in range(len(groups) - 1))]
+    params_groups = []
+    for lr, modules in zip(rates, groups):
+        params = [p for m in modules for p in m.parameters()]
         decay = [p for p in params if p.ndim >= 2]
         rest = [p for p in params if p.ndim < 2]
-        groups += [
+        params_groups += [
             {"params": decay, "lr": lr, "weight_decay": cfg.weight_decay},
             {"params": rest, "lr": lr, "weight_decay": 0.0},
         ]
-    return torch.optim.AdamW([g for g in groups if g["params"]])
+    return torch.optim.AdamW([g for g in params_groups if g["params"]])
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
@@ -119,7 +125,7 @@ def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]
 
 
 class _EMA:
-    """An exponential moving average of the trainable parameters, swapped in to validate and keep.
+    """An exponential moving average of the weights, swapped in to validate and keep.
 
     ``decay`` is per optimiser step; it starts at the warm start, so on a small
     set (a few steps per epoch) the average stays anchored near the head.
@@ -127,7 +133,8 @@ class _EMA:
 
     def __init__(self, net: nn.Module, decay: float):
         self.decay = decay
-        self.params = [p for p in net.parameters() if p.requires_grad]
+        # Every parameter: progressive unfreezing opens more later; a frozen one equals its average.
+        self.params = list(net.parameters())
         self.shadow = [p.detach().clone() for p in self.params]
 
     @torch.no_grad()
@@ -196,15 +203,15 @@ def fit(
         torch.backends.cudnn.benchmark = True
         net.to(memory_format=torch.channels_last)
 
-    trainable = unfreeze_modules(net, backbone, cfg.unfreeze)
+    groups = unfreeze_modules(net, backbone, cfg.unfreeze)
     net.to(dev)
-    n_trainable = sum(q.numel() for m in trainable for q in m.parameters())
+    n_trainable = sum(q.numel() for q in net.parameters() if q.requires_grad)
     bs, workers = cfg.batch_size, decode_workers(cfg.decode_workers, dev)
     train_loader = loader(root, train_rows, transform_spec.augment(), bs, workers, shuffle=True, seed=cfg.seed)
     val_loader = loader(root, val_rows, transform_spec.build(), bs, workers) if val_rows else None
     n_batches = len(train_loader)
     total_steps = max(1, cfg.epochs * n_batches)
-    opt = _optimizer(trainable, cfg)
+    opt = _optimizer(groups, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, warmup_cosine(total_steps, int(round(cfg.warmup_fraction * total_steps)))
     )
@@ -237,7 +244,11 @@ def fit(
         if on_epoch:
             on_epoch(0, start)
     for epoch in range(1, cfg.epochs + 1):
-        set_train_mode(net, trainable)
+        if cfg.unfreeze == "progressive" and epoch > 1:
+            unfreeze_modules(net, backbone, cfg.unfreeze, epoch)
+            log(f"finetune: epoch {epoch} trains the last {min(epoch, len(groups) - 1)} of {len(groups) - 1} "
+                f"depth groups ({sum(q.numel() for q in net.parameters() if q.requires_grad):,} parameters)")
+        set_train_mode(net, open_modules(groups, cfg.unfreeze, epoch))
         t_epoch = time.perf_counter()
         seen = correct = 0
         loss_sum = 0.0
