@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,14 @@ from tqdm import tqdm
 from pipeline.errors import PipelineError
 
 DEVICES = ("auto", "cpu", "cuda", "cuda:N")
+#: The precisions of any network: trained, differentiated or only run.
 PRECISIONS = ("auto", "fp32", "bf16")
+#: ``extract.precision`` also takes int8: a quantized network only runs forward
+#: (no gradients, no training), so finetune and visualize cannot use it.
+EXTRACT_PRECISIONS = PRECISIONS + ("int8",)
+
+#: Photos that calibrate int8 (they fix each activation's quantization range).
+INT8_CALIBRATION_IMAGES = 64
 
 
 def resolve_device(setting: str, key: str) -> torch.device:
@@ -58,20 +66,38 @@ def cpu_has_native_bf16() -> bool:
 class Precision:
     """A resolved precision: what autocast runs in, and why it was chosen."""
 
-    name: str  # "fp32" | "bf16"
+    name: str  # "fp32" | "bf16" | "int8"
     reason: str
 
     def autocast(self, device: torch.device):
-        """The autocast context for this precision on ``device`` (a no-op for fp32)."""
+        """The autocast context for this precision on ``device`` (a no-op for fp32 and int8,
+        whose quantized graph carries its own types)."""
         if self.name == "bf16":
             return torch.autocast(device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
 
-def resolve_precision(setting: str, device: torch.device, key: str) -> Precision:
-    """``auto``: bf16 on CUDA and on CPUs with native bf16, fp32 elsewhere."""
-    if setting not in PRECISIONS:
-        raise PipelineError(f"unknown {key} '{setting}'; accepted: {', '.join(PRECISIONS)}")
+def check_precision(setting, key: str, accepted: tuple = PRECISIONS) -> None:
+    """Refuse a precision ``key`` does not accept, saying why int8 is refused where it is."""
+    if setting in accepted:
+        return
+    if setting == "int8":
+        raise PipelineError(f"{key} cannot be int8: int8 is for extract.precision only (a quantized network "
+                            f"runs forward only; {key.split('.')[0]} needs gradients); "
+                            f"accepted: {', '.join(accepted)}")
+    raise PipelineError(f"unknown {key} '{setting}'; accepted: {', '.join(accepted)}")
+
+
+def resolve_precision(setting: str, device: torch.device, key: str, accepted: tuple = PRECISIONS) -> Precision:
+    """``auto``: bf16 on CUDA and on CPUs with native bf16, fp32 elsewhere; never int8.
+
+    Args:
+        accepted: :data:`EXTRACT_PRECISIONS` where int8 is allowed (inference only).
+    """
+    check_precision(setting, key, accepted)
+    if setting == "int8" and device.type != "cpu":
+        raise PipelineError(f"{key}: int8 runs on a CPU only (x86 int8 kernels through Inductor), "
+                            f"the device is {device}; use auto or bf16 on a GPU, or set extract.device: cpu")
     if setting != "auto":
         return Precision(setting, f"{key}: {setting}")
     if device.type == "cuda":
@@ -131,20 +157,31 @@ class Runner:
         compile: ``True``/``False``, or ``"auto"``: compiled on CUDA; on a CPU
             the runner starts eager and :meth:`consider_compiling` decides from
             the measured speed whether compiling shortens the whole run.
+            int8 is always compiled (see :func:`quantize_int8`).
         label: prefix of the one-line messages (the stage's name).
+        calibration: for int8 only, float batches of the shape the runner
+            will be called with (see :func:`quantize_int8`).
     """
 
     def __init__(self, module: nn.Module, device: torch.device, precision: Precision | str = "fp32",
-                 compile: bool | str = False, label: str = "extract"):
+                 compile: bool | str = False, label: str = "extract", calibration: list | None = None):
         if isinstance(precision, str):
             precision = Precision(precision, precision)
         self.device, self.precision, self.label = device, precision, label
         self.eager = module.to(device).eval().to(memory_format=torch.channels_last)
         self.model, self.mode = self.eager, "eager"
+        self._first = True
+        self.prepare_seconds = 0.0  # quantizing, for int8: counted with the compile time
+        if precision.name == "int8":
+            # Never an eager fallback: its rows would be fp32 ones under the int8 key.
+            self.undecided = False
+            t = time.perf_counter()
+            self.model, self.mode = torch.compile(quantize_int8(self.eager, calibration), dynamic=False), "int8"
+            self.prepare_seconds = time.perf_counter() - t
+            return
         self.undecided = compile == "auto" and device.type != "cuda"
         if compile is True or (compile == "auto" and device.type == "cuda"):
             self._compile()
-        self._first = True
 
     def _compile(self) -> None:
         try:
@@ -152,6 +189,11 @@ class Runner:
             self._first = True
         except Exception as e:  # noqa: BLE001 - any failure: run eager instead
             tqdm.write(f"{self.label}: torch.compile unavailable ({str(e).splitlines()[0][:120]}); running eager")
+
+    @property
+    def compiles_next(self) -> bool:
+        """True when the next call compiles (its time is compile time, not compute time)."""
+        return self._first and self.mode in ("compiled", "int8")
 
     def consider_compiling(self, remaining: int, seconds_per_item: float) -> None:
         """``compile: auto`` on a CPU: compile if the time it saves exceeds what it costs.
@@ -172,6 +214,8 @@ class Runner:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Run a batch already on the device; returns float32 outputs."""
+        if self.mode == "int8":
+            return self._call_int8(x)
         with torch.inference_mode(), self.precision.autocast(self.device):
             try:
                 out = self.model(x)
@@ -184,3 +228,54 @@ class Runner:
             finally:
                 self._first = False
         return out.float()
+
+    def _call_int8(self, x: torch.Tensor) -> torch.Tensor:
+        # The first call compiles. Freezing lets Inductor fold the quantized weights
+        # into oneDNN's int8 convolutions; passing it as torch.compile's options
+        # instead leaves onednn.qconv_prepack uncompiled, and the call fails.
+        first = torch._inductor.config.patch(freezing=True) if self._first else contextlib.nullcontext()
+        with torch.no_grad(), first:
+            try:
+                out = self.model(x)
+            except Exception as e:  # any failure: named, with what to do instead
+                if not self._first:
+                    raise
+                raise PipelineError(f"extract.precision: int8 could not be compiled "
+                                    f"({str(e).splitlines()[0][:160]}); use bf16 or fp32") from e
+            finally:
+                self._first = False
+        return out.float()
+
+
+def quantize_int8(module: nn.Module, calibration: list) -> nn.Module:
+    """``module`` quantized to int8 (x86 VNNI) with torchao's PT2E flow, calibrated on ``calibration``.
+
+    Weights per channel and activations per tensor, as torchao's default x86
+    Inductor recipe; the activations' ranges come from running the
+    ``calibration`` batches (float, normalised, shaped as the later calls).
+    The result runs fast only compiled: eager, it simulates int8 in float.
+
+    Raises:
+        PipelineError: torchao is missing, or no calibration batch was given.
+    """
+    try:
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+        from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+            X86InductorQuantizer,
+            get_default_x86_inductor_quantization_config,
+        )
+    except ImportError as e:
+        raise PipelineError("extract.precision: int8 needs torchao (pip install .[int8]); "
+                            "or use auto, fp32 or bf16") from e
+    if not calibration:
+        raise PipelineError("extract.precision: int8 needs calibration photos, and none could be "
+                            "decoded; use auto, fp32 or bf16")
+    with torch.no_grad():
+        # strict=True: after the non-strict export, prepare_pt2e fails on torchvision's
+        # ResNets, which use one ReLU module at several places.
+        graph = torch.export.export(module, (calibration[0],), strict=True).module()
+        quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
+        prepared = prepare_pt2e(graph, quantizer)
+        for x in calibration:
+            prepared(x)
+        return convert_pt2e(prepared)

@@ -197,3 +197,36 @@ def test_peak_memory_does_not_grow_with_the_number_of_images(tmp_path, catsdogs)
         assert out["n"] == 240 * n_copies
         peaks[n_copies] = out["maxrss_kb"]
     assert peaks[10] <= peaks[1] * 1.10, peaks
+
+
+def test_decoding_started_before_the_network_loads_is_used_or_discarded(tmp_path, catsdogs, lite0, monkeypatch):
+    """The stage starts decoding while the network loads; the rows are the same either way."""
+    from pipeline.backbones import get_spec
+    from pipeline.extract import decode
+
+    rows = _rows(catsdogs, per_class=5)
+    spec = get_spec("efficientnet_lite0").transform_for("DEFAULT", 0)
+    assert spec == lite0.transform_spec  # known without building the network
+    kw = {"root": catsdogs, "rows": rows, "classes": ["cat", "dog"], "decoder": "pillow", "batch_size": 4}
+    extract_features(lite0, out_path=tmp_path / "plain.h5", **kw)
+
+    def early():
+        return decode.batches("pillow", catsdogs, rows, spec, 4, 1, torch.device("cpu"))
+
+    started, batches = early(), decode.batches
+
+    def no_second_decoder(*a, **k):
+        raise AssertionError("the early batches were not used")
+
+    monkeypatch.setattr(decode, "batches", no_second_decoder)
+    res = extract_features(lite0, out_path=tmp_path / "early.h5", store_dir=tmp_path / "store", early=started, **kw)
+    assert res.n_computed == len(rows) and not started.thread.is_alive()
+    (p0, f0, _), (p1, f1, _) = _features(tmp_path / "plain.h5"), _features(tmp_path / "early.h5")
+    assert list(p0) == list(p1)
+    np.testing.assert_allclose(f0, f1, rtol=1e-5, atol=1e-5)
+
+    # Nothing left to compute (every row in the store): the early batches are closed, unused.
+    monkeypatch.setattr(decode, "batches", batches)
+    unused = early()
+    res = extract_features(lite0, out_path=tmp_path / "again.h5", store_dir=tmp_path / "store", early=unused, **kw)
+    assert res.n_computed == 0 and not unused.thread.is_alive()

@@ -11,7 +11,7 @@ from pipeline.config.checks import (
 )
 from pipeline.errors import PipelineError
 from pipeline.heads.registry import HEADS, check_grid
-from pipeline.runtime import PRECISIONS
+from pipeline.runtime import EXTRACT_PRECISIONS, check_precision
 
 @dataclass(frozen=True)
 class DataConfig(Section):
@@ -79,7 +79,7 @@ class ExtractConfig(Section):
         if not _is_int(self.batch_size) or self.batch_size < 1:
             raise PipelineError(f"extract.batch_size must be a positive integer, found {self.batch_size!r}")
         _device("extract", self.device)
-        _choice("extract", "precision", self.precision, PRECISIONS)
+        check_precision(self.precision, "extract.precision", EXTRACT_PRECISIONS)
         _choice("extract", "decoder", self.decoder, DECODERS)
         _int("extract", "decode_threads", self.decode_threads, lo=1)
         _choice("extract", "compile", self.compile, ("auto", True, False))
@@ -202,7 +202,7 @@ class FinetuneConfig(Section):
         for key in ("lr_head", "lr_backbone", "max_minutes"):
             _num(w, key, getattr(self, key))
         _device(w, self.device)
-        _choice(w, "precision", self.precision, PRECISIONS)
+        check_precision(self.precision, f"{w}.precision")
         _num(w, "weight_decay", self.weight_decay, lo_open=False)
         _num(w, "warmup_fraction", self.warmup_fraction, hi=1, lo_open=False)
         _num(w, "label_smoothing", self.label_smoothing, hi=1, lo_open=False)
@@ -278,7 +278,7 @@ class VisualizeConfig(Section):
         _num(w, "l2_weight", self.l2_weight, lo_open=False)
         _int(w, "seed", self.seed)
         _device(w, self.device)
-        _choice(w, "precision", self.precision, PRECISIONS)
+        check_precision(self.precision, f"{w}.precision")
         ids = list(self.imagenet_classes or [])
         bad = [i for i in ids if not _is_int(i) or not 0 <= i < 1000]
         if bad:

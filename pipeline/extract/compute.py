@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass, field
 
+import torch
 
 from pipeline.data.manifest import Row
 from pipeline.data.transform import TransformSpec
-from pipeline.runtime import Runner
+from pipeline.runtime import INT8_CALIBRATION_IMAGES, Runner
+
 
 @dataclass
 class ExtractResult:
@@ -52,12 +55,12 @@ def run_batches(runner: Runner, spec: TransformSpec, batches, timing: Timing, n_
     for k, (chunk, x, reasons) in enumerate(batches):
         x = spec.normalize_(x.to(runner.device, non_blocking=True))
         t_call = time.perf_counter()
-        compiled = runner.mode == "compiled"
+        compiles = runner.compiles_next
         f = runner(x).cpu().numpy()
-        if compiled and first_compiled:
+        if compiles and first_compiled:
             first_compiled = False
-            timing.compile_seconds = time.perf_counter() - t_call
-            t0 += timing.compile_seconds
+            timing.compile_seconds = runner.prepare_seconds + time.perf_counter() - t_call
+            t0 += time.perf_counter() - t_call
         done += len(chunk)
         timing.seconds = time.perf_counter() - t0
         if k == 0:
@@ -73,3 +76,38 @@ def good_rows(chunk: list[Row], reasons) -> tuple[list[int], list[tuple[Row, str
     ok = [i for i, why in enumerate(reasons) if why is None]
     bad = [(chunk[i], why) for i, why in enumerate(reasons) if why is not None]
     return ok, bad
+
+
+def calibration_rows(rows: list[Row], n: int = INT8_CALIBRATION_IMAGES) -> list[Row]:
+    """The photos that calibrate int8: ``n`` distinct training photos, those of the lowest content hashes.
+
+    The same manifest always gives the same photos, in any row order, and a
+    pseudo-random mix of classes. Adding photos changes the choice only when
+    a new training photo's hash sorts among the first ``n``.
+    """
+    train = {r.sha256: r for r in rows if r.split == "train"} or {r.sha256: r for r in rows}
+    return [train[h] for h in sorted(train)[:n]]
+
+
+def calibration_id(rows: list[Row]) -> str:
+    """Names a calibration set in the store's key and the cache's attributes."""
+    return hashlib.sha256("".join(r.sha256 for r in rows).encode()).hexdigest()[:16]
+
+
+def calibration_batches(source, spec: TransformSpec, device: torch.device, batch_size: int) -> list[torch.Tensor]:
+    """The decodable photos of ``source`` as full, normalised, channels_last batches.
+
+    Every batch has ``batch_size`` rows, the shape of the later calls (the
+    quantized graph is exported for it); photos are repeated to fill the last.
+    """
+    good = []
+    for chunk, x, reasons in source:
+        ok, _ = good_rows(chunk, reasons)
+        if ok:
+            good.append(spec.normalize_(x[ok].to(device)))
+    if not good:
+        return []
+    xs = torch.cat(good)
+    n = -(-len(xs) // batch_size) * batch_size
+    xs = xs[torch.arange(n) % len(xs)].contiguous(memory_format=torch.channels_last)
+    return list(xs.split(batch_size))

@@ -37,6 +37,7 @@ from pipeline.data.manifest import Row
 from pipeline.data.transform import TransformSpec
 from pipeline.errors import BadImage
 
+
 def resolve_decoder(decoder: str, device: torch.device) -> str:
     """``auto``: the torchvision (nvJPEG) decoder on CUDA, Pillow on a CPU."""
     if decoder == "auto":
@@ -46,10 +47,18 @@ def resolve_decoder(decoder: str, device: torch.device) -> str:
 
 def batches(decoder: str, root, rows: list[Row], spec: TransformSpec, batch_size: int, threads: int,
             device: torch.device):
-    """The batch iterator of a resolved ``decoder`` (close it when done)."""
+    """The batch iterator of a resolved ``decoder`` (close it when done).
+
+    Pillow's threads start decoding at once, so a caller can start it before
+    loading the network. ``.request`` records what was asked, so such an early
+    start can be checked against what is needed later.
+    """
     if decoder == "torchvision":
-        return TorchvisionBatches(root, rows, spec, batch_size, max(2, threads), device)
-    return PillowBatches(root, rows, spec, batch_size, threads, draft=decoder == "pillow")
+        source = TorchvisionBatches(root, rows, spec, batch_size, max(2, threads), device)
+    else:
+        source = PillowBatches(root, rows, spec, batch_size, threads, draft=decoder == "pillow")
+    source.request = (decoder, str(Path(root)), spec, batch_size, threads, str(device))
+    return source
 
 
 class PillowBatches:

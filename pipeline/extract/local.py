@@ -19,15 +19,35 @@ from pipeline.backbones import Backbone
 from pipeline.data.manifest import Row
 from pipeline.extract import decode
 from pipeline.extract.cache import CacheWriter, cache_attrs, check_free_space
-from pipeline.extract.compute import ExtractResult, Timing, good_rows, run_batches
+from pipeline.extract.compute import (
+    ExtractResult,
+    Timing,
+    calibration_batches,
+    calibration_id,
+    calibration_rows,
+    good_rows,
+    run_batches,
+)
 from pipeline.extract.store import FeatureStore
 from pipeline.fileio import atomic_path, remove_stale_temporaries
-from pipeline.runtime import Precision, Runner, process_age, resolve_device, resolve_precision
+from pipeline.runtime import (
+    EXTRACT_PRECISIONS,
+    Precision,
+    Runner,
+    process_age,
+    resolve_device,
+    resolve_precision,
+)
 
 
-def store_key(backbone: Backbone, decoder: str, precision: Precision) -> dict:
-    """Everything besides the pixels that determines a feature row."""
-    return dict(backbone.provenance(), decoder=decoder, precision=precision.name)
+def store_key(backbone: Backbone, decoder: str, precision: Precision, calibration: str = "") -> dict:
+    """Everything besides the pixels that determines a feature row.
+
+    ``calibration``: for int8, :func:`~pipeline.extract.compute.calibration_id`
+    (the photos that set the quantization ranges change every row).
+    """
+    key = dict(backbone.provenance(), decoder=decoder, precision=precision.name)
+    return dict(key, calibration=calibration) if calibration else key
 
 
 def extract_features(
@@ -45,6 +65,7 @@ def extract_features(
     compile: str | bool = "auto",
     store_dir: str | Path | None = None,
     flush_every: int = 256,
+    early=None,
 ) -> ExtractResult:
     """Push every image of ``rows`` through ``backbone.features`` into an HDF5 cache.
 
@@ -56,34 +77,57 @@ def extract_features(
         store_dir: folder of the per-image store; ``None`` keeps a temporary
             one beside ``out_path`` only for this call (no reuse).
         flush_every: rows per store shard: a killed run recomputes at most this many.
+        early: batches of ``rows`` from :func:`~pipeline.extract.decode.batches`,
+            started before the backbone was loaded (decoding while the network
+            loads); used when exactly those rows are to be computed with the
+            same settings, else discarded. Closed in either case.
 
     Returns:
         counts and timings; images that fail to decode are skipped and listed.
     """
     t_start = time.perf_counter()
-    dev = resolve_device(device, "extract.device")
-    prec = resolve_precision(precision, dev, "extract.precision")
-    decoder = decode.resolve_decoder(decoder, dev)
+    try:
+        dev = resolve_device(device, "extract.device")
+        prec = resolve_precision(precision, dev, "extract.precision", EXTRACT_PRECISIONS)
+        decoder = decode.resolve_decoder(decoder, dev)
+    except BaseException:
+        if early is not None:
+            early.close()
+        raise
     root, out_path = Path(root), Path(out_path)
+    spec = backbone.transform_spec
+    calibration = calibration_rows(rows) if prec.name == "int8" else []
+    calib_id = calibration_id(calibration) if calibration else ""
     temporary_store = store_dir is None
     if temporary_store:
         out_path.parent.mkdir(parents=True, exist_ok=True)
         store_dir = tempfile.mkdtemp(prefix=".store-", dir=out_path.parent)
     try:
-        store = FeatureStore(store_dir, store_key(backbone, decoder, prec), flush_rows=flush_every)
+        store = FeatureStore(store_dir, store_key(backbone, decoder, prec, calib_id), flush_rows=flush_every)
         remove_stale_temporaries(out_path.parent, out_path.name + ".")
         todo = store.todo(rows)
+        request = (decoder, str(root), spec, batch_size, decode_threads, str(dev))
+        if early is not None and not (todo == rows and early.request == request):
+            early.close()
+            early = None
         timing, failed, mode = Timing(), {}, "-"
         if todo:
-            runner = Runner(backbone.features, dev, prec, compile)
-            mode = _compute(runner, backbone, todo, root, store, decoder, batch_size, decode_threads, timing, failed)
+            source = early or decode.batches(decoder, root, todo, spec, batch_size, decode_threads, dev)
+            early = None  # closed by _compute from here on
+            runner = _runner(backbone, dev, prec, compile, calibration, root, decoder, batch_size,
+                             decode_threads, source)
+            mode = _compute(runner, backbone, todo, store, source, timing, failed)
         index = store.index()  # now with the rows just computed
         good = [r for r in rows if r.sha256 in index]
         skipped = [{"path": r.path, "reason": failed.get(r.sha256, "could not be decoded (see above)")}
                    for r in rows if r.sha256 not in index]
         attrs = cache_attrs(backbone.provenance(), classes, decoder, prec.name, backbone.feature_dim)
+        if calib_id:
+            attrs["int8_calibration"] = calib_id
         write_from_store(out_path, good, store, backbone.feature_dim, attrs)
     finally:
+        if early is not None:
+            early.close()
         if temporary_store:
             shutil.rmtree(store_dir, ignore_errors=True)
     computed = [r.path for r in todo if r.sha256 not in failed]
@@ -102,11 +146,27 @@ def extract_features(
     )
 
 
-def _compute(runner: Runner, backbone: Backbone, todo: list[Row], root: Path, store: FeatureStore,
-             decoder: str, batch_size: int, decode_threads: int, timing: Timing, failed: dict) -> str:
-    """Compute the rows of ``todo`` into ``store``; failures go to ``failed`` (sha256 -> reason)."""
+def _runner(backbone: Backbone, dev, prec: Precision, compile, calibration: list[Row], root: Path, decoder: str,
+            batch_size: int, decode_threads: int, source) -> Runner:
+    """The network's runner; for int8, quantized on ``calibration`` (``source`` is closed on failure)."""
+    try:
+        batches = []
+        if calibration:
+            calib = decode.batches(decoder, root, calibration, backbone.transform_spec, batch_size, decode_threads, dev)
+            try:
+                batches = calibration_batches(calib, backbone.transform_spec, dev, batch_size)
+            finally:
+                calib.close()
+        return Runner(backbone.features, dev, prec, compile, calibration=batches)
+    except BaseException:
+        source.close()
+        raise
+
+
+def _compute(runner: Runner, backbone: Backbone, todo: list[Row], store: FeatureStore, source,
+             timing: Timing, failed: dict) -> str:
+    """Compute the rows of ``todo`` from ``source`` into ``store``; failures go to ``failed`` (sha256 -> reason)."""
     spec = backbone.transform_spec
-    source = decode.batches(decoder, root, todo, spec, batch_size, decode_threads, runner.device)
     try:
         with tqdm(total=len(todo), unit="img", desc=f"extract {backbone.name}", dynamic_ncols=True) as bar:
             for chunk, f, reasons in run_batches(runner, spec, source, timing, n_total=len(todo)):

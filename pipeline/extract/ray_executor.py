@@ -149,6 +149,9 @@ def extract_with_ray(
         PipelineError: Ray missing, unreachable cluster, too small a local
             instance, or an actor that could not load the backbone.
     """
+    if precision == "int8":  # each actor would have to quantize its own copy: not built
+        raise PipelineError("extract.precision: int8 runs on the local engine only; set extract.engine: local, "
+                            "or use auto, fp32 or bf16 on Ray")
     ray = _import_ray()
     if not isinstance(num_cpus_per_worker, (int, float)) or num_cpus_per_worker <= 0:
         raise PipelineError(f"num_cpus_per_worker must be a positive number, found {num_cpus_per_worker!r}")

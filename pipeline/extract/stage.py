@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from pipeline.backbones import load_backbone
+from pipeline.backbones import get_spec, load_backbone
 from pipeline.config import BackboneConfig, ExtractConfig
 from pipeline.data.manifest import read_prepared
 from pipeline.extract import decode
@@ -14,7 +14,13 @@ from pipeline.extract.compute import ExtractResult
 from pipeline.extract.local import extract_features
 from pipeline.extract.ray_executor import extract_with_ray
 from pipeline.fileio import write_json
-from pipeline.runtime import process_age, resolve_device, resolve_precision, use_compile_cache
+from pipeline.runtime import (
+    EXTRACT_PRECISIONS,
+    process_age,
+    resolve_device,
+    resolve_precision,
+    use_compile_cache,
+)
 
 
 def run_extract(*, backbone: BackboneConfig, extract: ExtractConfig, prepared_dir="data/prepared",
@@ -42,16 +48,25 @@ def run_extract(*, backbone: BackboneConfig, extract: ExtractConfig, prepared_di
             flush_every=e.flush_every,
         )
     else:
-        bb = load_backbone(backbone.name, backbone.weights, backbone.input_size)
         dev = resolve_device(e.device, "extract.device")
-        prec = resolve_precision(e.precision, dev, "extract.precision")
+        prec = resolve_precision(e.precision, dev, "extract.precision", EXTRACT_PRECISIONS)
+        decoder = decode.resolve_decoder(e.decoder, dev)
+        # The first batches decode while the network loads (and, for int8, is quantized):
+        # the transform is known from the registry without building the network.
+        spec = get_spec(backbone.name).transform_for(backbone.weights, backbone.input_size)
+        early = decode.batches(decoder, prepared.root, prepared.rows, spec, e.batch_size, e.decode_threads, dev)
+        try:
+            bb = load_backbone(backbone.name, backbone.weights, backbone.input_size)
+        except BaseException:
+            early.close()
+            raise
         print(f"extract: {len(prepared.rows)} images through {backbone.name} ({bb.weights}) on {dev}, "
-              f"{prec.name} ({prec.reason}), batch {e.batch_size}, decoder "
-              f"{decode.resolve_decoder(e.decoder, dev)} -> {out}", flush=True)
+              f"{prec.name} ({prec.reason}), batch {e.batch_size}, decoder {decoder} -> {out}", flush=True)
         res = extract_features(
             bb, root=prepared.root, rows=prepared.rows, classes=prepared.classes, out_path=out,
             batch_size=e.batch_size, device=str(dev), precision=e.precision, decode_threads=e.decode_threads,
             decoder=e.decoder, compile=e.compile, store_dir=e.store or None, flush_every=e.flush_every,
+            early=early,
         )
     speed = f" at {res.images_per_second:.1f} images/s ({res.mode})" if res.n_computed else ""
     compiled = f", compile {res.compile_seconds:.1f} s" if res.compile_seconds else ""

@@ -115,7 +115,7 @@ class FeatureStore:
             self._index.update((h, (shard, i)) for i, h in enumerate(self._hashes))
         self._hashes, self._rows = [], []
 
-    def reader(self, keep: int = 4) -> "ShardReader":
+    def reader(self, keep: int = 4) -> ShardReader:
         return ShardReader(self.index(), keep)
 
 
