@@ -13,7 +13,7 @@ Prints, in one run on the same images:
 ``python -m pipeline.bench incremental --folder DIR --backbone NAME [--add 10] [--repeat 10]``
 times adding images to an extracted set against the full extraction.
 
-``python -m pipeline.bench draft --folder DIR --backbone NAME [--upscale 2]``
+``python -m pipeline.bench draft --folder DIR --backbone NAME [--upscale 3]``
 measures what reduced-scale JPEG decoding (draft mode) changes: feature rows
 and a logistic-regression head's test accuracy, with and without it.
 

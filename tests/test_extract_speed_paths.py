@@ -16,6 +16,7 @@ import torch
 
 from pipeline.backbones import load_backbone
 from pipeline.data.manifest import Row
+from pipeline.extract.decode import DRAFT_FACTOR
 from pipeline.extract.local import extract_features
 
 pytestmark = pytest.mark.sample_data
@@ -86,7 +87,11 @@ def test_reduced_scale_decoding_on_enlarged_photos(tmp_path, dogbreeds10, lite0)
 
     folder = tmp_path / "big"
     (folder / "dog").mkdir(parents=True)
-    sources = sorted(p for p in dogbreeds10.rglob("*.jpg"))[::15][:8]
+    def large_enough(p):  # enlarged 3x, at least 4x the target per side: where draft mode starts
+        with Image.open(p) as im:
+            return 3 * min(im.size) >= 2 * DRAFT_FACTOR * lite0.transform_spec.resize
+
+    sources = sorted(p for p in dogbreeds10.rglob("*.jpg") if large_enough(p))[::15][:8]
     for i, f in enumerate(sources):
         with Image.open(f) as im:
             big = im.convert("RGB").resize((im.width * 3, im.height * 3), Image.BICUBIC)
@@ -103,7 +108,7 @@ def test_reduced_scale_decoding_on_enlarged_photos(tmp_path, dogbreeds10, lite0)
     for r in rows:
         with Image.open(folder / r.path) as im:
             full = im.size
-            im.draft("RGB", (spec.resize, spec.resize))
+            im.draft("RGB", (DRAFT_FACTOR * spec.resize,) * 2)
             assert im.size[0] <= (full[0] + 1) // 2, "the photo was not decoded at reduced scale"
             by_hand.append(spec.build()(im.convert("RGB")))
     with torch.no_grad():
@@ -112,8 +117,9 @@ def test_reduced_scale_decoding_on_enlarged_photos(tmp_path, dogbreeds10, lite0)
 
     a, b = feats["pillow"], feats["pillow-exact"]
     cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
-    # Measured on these eight 3x photos: min 0.983, median 0.999 (JPEG's reduced-scale
-    # DCT is a coarser filter than Pillow's bicubic resize of the full picture).
+    # JPEG's reduced-scale DCT is a coarser filter than Pillow's bicubic resize of the
+    # full picture. Measured on all 386 sample photos enlarged 3x: min 0.9875, median
+    # 0.9998 with the draft kept at 2x the target (0.972 and 0.997 at 1x).
     assert cos.min() >= 0.98 and np.median(cos) >= 0.995, cos
     assert np.abs(a - b).max() > 1e-3  # the reduced-scale pixels are not the exact ones
 
