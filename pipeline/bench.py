@@ -37,10 +37,17 @@ from pipeline.backbones import load_backbone
 from pipeline.bench_process import report, whole_process
 from pipeline.data.images import load_rgb
 from pipeline.data.manifest import Row
+from pipeline.errors import PipelineError
 from pipeline.extract.cache import open_cache
 from pipeline.extract.local import extract_features
 from pipeline.heads.batch import make_head
-from pipeline.runtime import resolve_device, resolve_precision
+from pipeline.runtime import (
+    EXTRACT_PRECISIONS,
+    Precision,
+    Runner,
+    resolve_device,
+    resolve_precision,
+)
 
 
 def _rows(folder: Path, limit: int | None):
@@ -73,7 +80,7 @@ def bench_extract(folder, backbone, weights="DEFAULT", batch_size=32, device="au
                   limit=None, decode_threads=1, decoder="auto", workers=2, precision="auto") -> dict:
     folder = Path(folder)
     dev = resolve_device(device, "--device")
-    prec = resolve_precision(precision, dev, "--precision")
+    prec = resolve_precision(precision, dev, "--precision", EXTRACT_PRECISIONS)
     classes, rows = _rows(folder, limit)
     bb = load_backbone(backbone, weights)
     n = len(rows)
@@ -125,6 +132,8 @@ def bench_extract(folder, backbone, weights="DEFAULT", batch_size=32, device="au
         torch._dynamo.reset()
     out.update({f"ceiling_{k}": v for k, v in ceil.items()})
     best_ceiling = max(ceil.values())
+    if dev.type == "cpu":
+        out["ceiling_int8_compiled"] = _int8_ceiling(model, cl, dev)
     best_e2e = max(out["e2e_eager"], out.get("e2e_compiled", 0.0))
 
     if baseline:
@@ -137,6 +146,28 @@ def bench_extract(folder, backbone, weights="DEFAULT", batch_size=32, device="au
         print(f"  end to end / straightforward loop: {best_e2e / out['baseline']:.2f}x", flush=True)
     print(f"  end to end / best model-only ceiling: {100 * best_e2e / best_ceiling:.0f}%", flush=True)
     return out
+
+
+def _int8_ceiling(model, batches, dev) -> float | None:
+    """int8's model-only speed (``extract.precision: int8``), calibrated on the same batches.
+
+    Printed beside the fp32/bf16 ceilings but not counted as the best of them:
+    int8 is opt-in, and the stage's ratio is against the precision it ran.
+    """
+    try:
+        t = time.perf_counter()
+        runner = Runner(model, dev, Precision("int8", "--precision int8"), calibration=batches[:2])
+        runner(batches[0])
+        setup_s = time.perf_counter() - t
+        speed = _model_only(runner, batches, dev, repeat=2)
+    except PipelineError as e:
+        print(f"  model only (int8): not measured: {e}", flush=True)
+        return None
+    finally:
+        torch._dynamo.reset()
+    print(f"  model only (int8, quantized + compiled, not counted as the best ceiling): {speed:.1f} images/s "
+          f"(quantize + compile {setup_s:.1f} s)", flush=True)
+    return speed
 
 
 def straightforward_loader(folder, spec, batch_size=32, workers=2):
@@ -285,7 +316,7 @@ def main(argv=None) -> None:
     p.add_argument("--weights", default="DEFAULT")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="auto", help="auto | fp32 | bf16, as extract.precision")
+    p.add_argument("--precision", default="auto", help="auto | fp32 | bf16 | int8, as extract.precision")
     p.add_argument("--decoder", default="auto")
     p.add_argument("--decode-threads", type=int, default=1)
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the straightforward loop")
@@ -293,6 +324,8 @@ def main(argv=None) -> None:
     p.add_argument("--baseline", action="store_true", help="also time the straightforward loop")
     p.add_argument("--whole-process", action="store_true",
                    help="also time the stage and the lesson loop as whole processes (start to exit)")
+    p.add_argument("--whole-process-only", action="store_true",
+                   help="only the whole processes (e.g. once more with --precision int8)")
     d = sub.add_parser("draft", help="effect of reduced-scale JPEG decoding on accuracy")
     d.add_argument("--folder", required=True)
     d.add_argument("--backbone", required=True)
@@ -311,15 +344,18 @@ def main(argv=None) -> None:
     if a.what == "draft":
         bench_draft(a.folder, a.backbone, a.weights, a.upscale)
         return
-    if a.whole_process:
+    if a.whole_process or a.whole_process_only:
         r = whole_process(a.folder, a.backbone, a.weights, a.precision, a.decoder, lesson=a.baseline)
         print(report(r, a.backbone), flush=True)
+        if a.whole_process_only:
+            return
     out = bench_extract(a.folder, a.backbone, a.weights, a.batch_size, a.device, a.baseline, a.limit,
                         a.decode_threads, a.decoder, a.workers, a.precision)
     if a.whole_process:
-        best = max(v for k, v in out.items() if k.startswith("ceiling_"))
-        print(f"  whole process (warm) / best model-only ceiling: "
-              f"{100 * r['images'] / r['stage_warm_s'] / best:.0f}%", flush=True)
+        best = max(v for k, v in out.items() if k.startswith(("ceiling_fp32", "ceiling_bf16")))
+        print(f"  stage's network phase (warm run: decoding + network, {r['stage_warm_ips']:.1f} images/s) / "
+              f"best fp32/bf16 model-only ceiling: {100 * r['stage_warm_ips'] / best:.0f}%; "
+              f"whole process (warm, start to exit): {100 * r['images'] / r['stage_warm_s'] / best:.0f}%", flush=True)
 
 
 if __name__ == "__main__":

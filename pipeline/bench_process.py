@@ -102,21 +102,15 @@ def whole_process(folder, backbone: str, weights: str = "DEFAULT", precision: st
             seconds, log = _timed([sys.executable, "-m", "stages.extract"], tmp, env)
             stats = json.loads((tmp / "reports/extract.json").read_text())["extract"]
             out[f"stage_{run}_s"] = seconds
+            out[f"stage_{run}_ips"] = stats["images_per_second"]  # the network phase: decoding + network
             out["images"] = stats["images"]
-            out[f"first_batch_{run}_s"] = _first_batch(log)
+            out[f"first_batch_{run}_s"] = stats["first_batch_seconds"]
             out[f"stage_{run}_log"] = [line for line in log.splitlines() if line.startswith("extract:")]
             (tmp / "store").rename(tmp / f"store-{run}")  # the next run starts with an empty store
         if lesson:
             out["lesson_s"], _ = _timed([sys.executable, "-c", LESSON_LOOP, str(folder), backbone, weights],
                                         tmp, env)
     return out
-
-
-def _first_batch(log: str) -> float | None:
-    for line in log.splitlines():
-        if "first batch" in line:
-            return float(line.split("first batch after ")[1].split(" s")[0])
-    return None
 
 
 def report(r: dict, backbone: str) -> str:
@@ -126,6 +120,8 @@ def report(r: dict, backbone: str) -> str:
              f", first batch after {r['first_batch_cold_s']} s",
              f"  stage, empty store, warm compile cache: {r['stage_warm_s']:6.1f} s ({n / r['stage_warm_s']:.1f} img/s)"
              f", first batch after {r['first_batch_warm_s']} s"]
+    lines += [f"    {line}" for run in ("cold", "warm") for line in r[f"stage_{run}_log"]
+              if "compile auto" in line or " images in " in line]
     if "lesson_s" in r:
         lines.append(f"  lesson loop (ImageFolder + DataLoader, 2 workers, fp32): {r['lesson_s']:6.1f} s "
                      f"({n / r['lesson_s']:.1f} img/s)")

@@ -25,6 +25,7 @@ class ExtractResult:
     skipped: list = field(default_factory=list)  # [{"path", "reason"}]
     computed: list = field(default_factory=list)  # paths computed in this run
     mode: str = "eager"
+    first_batch_seconds: float | None = None  # process start to the first computed batch (Linux)
 
     @property
     def images_per_second(self) -> float:
@@ -36,6 +37,7 @@ class ExtractResult:
 class Timing:
     seconds: float = 0.0
     compile_seconds: float = 0.0
+    first_batch_age: float | None = None  # seconds from process start to the first batch's features
 
 
 #: Eager batches timed before ``compile: auto`` decides (the first one warms up).

@@ -40,7 +40,6 @@ from pipeline.data.manifest import Row
 from pipeline.data.transform import TransformSpec
 from pipeline.errors import BadImage
 
-
 #: The ``pillow`` decoder's reduced-scale JPEG decoding keeps at least this many
 #: times the resize target per side (Pillow then picks the coarsest of 1/2, 1/4,
 #: 1/8 that does), so the bicubic resize still has pixels to filter.

@@ -143,6 +143,7 @@ def extract_features(
         skipped=skipped,
         computed=computed,
         mode=mode,
+        first_batch_seconds=timing.first_batch_age,
     )
 
 
@@ -170,8 +171,8 @@ def _compute(runner: Runner, backbone: Backbone, todo: list[Row], store: Feature
     try:
         with tqdm(total=len(todo), unit="img", desc=f"extract {backbone.name}", dynamic_ncols=True) as bar:
             for chunk, f, reasons in run_batches(runner, spec, source, timing, n_total=len(todo)):
-                if bar.n == 0 and (age := process_age()) is not None:
-                    tqdm.write(f"extract: first batch after {age:.1f} s")
+                if bar.n == 0:
+                    timing.first_batch_age = process_age()
                 ok, bad = good_rows(chunk, reasons)
                 for row, why in bad:
                     failed[row.sha256] = why

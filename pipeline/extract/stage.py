@@ -72,12 +72,16 @@ def run_extract(*, backbone: BackboneConfig, extract: ExtractConfig, prepared_di
     compiled = f", compile {res.compile_seconds:.1f} s" if res.compile_seconds else ""
     age = process_age()
     wall = age if age is not None else time.perf_counter() - t0
-    print(f"extract: {res.n_images} images in {wall:.1f} s: {res.n_computed} computed{speed}{compiled}, "
+    first = res.first_batch_seconds
+    started = f" (first batch after {first:.1f} s)" if first is not None else ""
+    print(f"extract: {res.n_images} images in {wall:.1f} s{started}: {res.n_computed} computed{speed}{compiled}, "
           f"{res.n_reused} reused from {e.store or 'no store'}, {res.n_skipped} skipped", flush=True)
     if metrics_path:
         write_json(Path(metrics_path), {"extract": {
             "images": res.n_images, "computed": res.n_computed, "reused": res.n_reused,
             "skipped": res.n_skipped, "wall_seconds": round(wall, 2),
             "images_per_second": round(res.images_per_second, 1) if res.n_computed else None,
+            # Start-up as a user meets it: imports, loading the network, the first batch.
+            "first_batch_seconds": round(first, 2) if first is not None else None,
         }})
     return res
