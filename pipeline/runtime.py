@@ -230,11 +230,12 @@ class Runner:
         return out.float()
 
     def _call_int8(self, x: torch.Tensor) -> torch.Tensor:
-        # The first call compiles. Freezing lets Inductor fold the quantized weights
-        # into oneDNN's int8 convolutions; passing it as torch.compile's options
-        # instead leaves onednn.qconv_prepack uncompiled, and the call fails.
-        first = torch._inductor.config.patch(freezing=True) if self._first else contextlib.nullcontext()
-        with torch.no_grad(), first:
+        # Freezing lets Inductor fold the quantized weights into oneDNN's int8
+        # convolutions; passing it as torch.compile's options instead leaves
+        # onednn.qconv_prepack uncompiled, and the call fails. It is set on every
+        # call, not only the first, since a caller's change of grad mode (say,
+        # inference_mode) recompiles, and unfrozen the graph runs at half speed.
+        with torch.no_grad(), torch._inductor.config.patch(freezing=True):
             try:
                 out = self.model(x)
             except Exception as e:  # any failure: named, with what to do instead
