@@ -79,8 +79,11 @@ def test_int8_on_cuda_is_refused_in_one_line():
 
 
 def test_missing_torchao_names_the_key_and_the_extra(monkeypatch):
-    monkeypatch.setitem(sys.modules, "torchao", None)  # import torchao... now raises ImportError
-    monkeypatch.setitem(sys.modules, "torchao.quantization", None)
+    # import torchao... now raises ImportError, also where an earlier test imported it.
+    for name in ("torchao", "torchao.quantization", "torchao.quantization.pt2e",
+                 "torchao.quantization.pt2e.quantize_pt2e", "torchao.quantization.pt2e.quantizer",
+                 "torchao.quantization.pt2e.quantizer.x86_inductor_quantizer"):
+        monkeypatch.setitem(sys.modules, name, None)
     with pytest.raises(PipelineError, match=r"extract.precision: int8 needs torchao \(pip install \.\[int8\]\)"):
         quantize_int8(torch.nn.Conv2d(3, 4, 3), [torch.zeros(1, 3, 8, 8)])
 
