@@ -110,3 +110,14 @@ def test_accepted_values_in_config_match_their_implementations():
     from pipeline.visualize import optvis
 
     assert set(config.PARAMETERISATIONS) == set(optvis.PARAMETERISATIONS)
+
+
+def test_extract_starts_without_scikit_learn():
+    # The extract stage's start-up is counted against its first batch;
+    # scikit-learn and SciPy cost about a second of it and it needs neither.
+    import subprocess
+    import sys
+
+    code = "import sys, stages.extract; print(sorted(m for m in ('sklearn', 'scipy') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

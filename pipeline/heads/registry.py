@@ -18,8 +18,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.linear_model import LogisticRegression
-from sklearn.svm import LinearSVC
 
 from pipeline.errors import PipelineError
 
@@ -33,13 +31,28 @@ class HeadSpec:
     description: str
 
 
+# scikit-learn is imported when a head is built, not with this module: the
+# params checks import it, and every stage (extract's start-up above all)
+# would otherwise pay about a second for scikit-learn and SciPy.
+def _logreg(max_iter: int, seed: int):
+    from sklearn.linear_model import LogisticRegression
+
+    return LogisticRegression(max_iter=max_iter, random_state=seed)
+
+
+def _linear_svc(max_iter: int, seed: int):
+    from sklearn.svm import LinearSVC
+
+    return LinearSVC(max_iter=max_iter, random_state=seed)
+
+
 HEADS: dict[str, HeadSpec] = {
     "logreg": HeadSpec(
-        lambda max_iter, seed: LogisticRegression(max_iter=max_iter, random_state=seed),
+        _logreg,
         "log_loss", (0.01, 0.1, 1.0), 2000, "logistic regression",
     ),
     "svm": HeadSpec(
-        lambda max_iter, seed: LinearSVC(max_iter=max_iter, random_state=seed),
+        _linear_svc,
         "hinge", (0.00001, 0.0001, 0.001, 0.01), 10000, "linear SVM",
     ),
 }
