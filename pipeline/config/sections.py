@@ -68,7 +68,7 @@ class ExtractConfig(Section):
     device: str = "auto"
     precision: str = "auto"
     decoder: str = "auto"
-    decode_threads: int = 1
+    decode_threads: int = 2
     compile: Any = "auto"
     store: str = "data/cache/features"
     flush_every: int = 256

@@ -60,7 +60,7 @@ def extract_features(
     batch_size: int = 32,
     device: str = "auto",
     precision: str = "fp32",
-    decode_threads: int = 1,
+    decode_threads: int = 2,
     decoder: str = "auto",
     compile: str | bool = "auto",
     store_dir: str | Path | None = None,
