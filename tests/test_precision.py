@@ -39,7 +39,9 @@ def test_bf16_rows_match_fp32_and_heads_agree(tmp_path, folder_name, request):
     assert not np.array_equal(a, b)  # the bf16 path really ran
     cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
     # Measured here (efficientnet_lite0, whole-network autocast): min 0.9970 on
-    # catsdogs, median above 0.999. The issue's model-only figure was 0.9999.
+    # catsdogs, median above 0.999. A 0.999 minimum needs the stem and first
+    # block in fp32, at 20-30 % of bf16's speed (README, Precision): not worth it
+    # for a linear head, which gets the same photos right either way (below).
     print(f"\n{folder_name}: bf16 vs fp32 cosine min {cos.min():.5f}, median {np.median(cos):.5f}")
     assert cos.min() >= 0.995 and np.median(cos) >= 0.999, (cos.min(), np.median(cos))
 
