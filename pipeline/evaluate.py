@@ -30,9 +30,8 @@ from pipeline.data.manifest import Row, read_prepared
 from pipeline.errors import PipelineError
 from pipeline.extract.cache import CHECKED_ATTRS, head_features_paths, open_cache
 from pipeline.fileio import write_csv, write_json
-from pipeline.heads.model import scores
+from pipeline.heads.model import head_path, load_head, scores
 from pipeline.heads.registry import HEADS
-from pipeline.serve.bundle import load_bundle
 
 
 def head_metrics(y_true, y_pred, scores, n_classes: int, top_k=(3, 5)) -> dict:
@@ -111,11 +110,11 @@ def run_evaluate(cfg: Config, *, features_dir, models_dir, reports_dir,
     metrics, per_class = {}, []
 
     for name in models:
-        bundle = load_bundle(models_dir, name, {**made_with, "classes": fs.classes})
+        estimator = load_head(head_path(models_dir, name), {**made_with, "classes": fs.classes})["estimator"]
         if streamed:
-            _, pred, s = fs.predict(bundle.estimator, "test", scores)
+            _, pred, s = fs.predict(estimator, "test", scores)
         else:
-            pred, s = bundle.score_features(X)
+            pred, s = estimator.predict(X), scores(estimator, X)
         metrics[name] = head_metrics(y, pred, s, len(fs.classes), cfg.evaluate.top_k)
         per_class.extend(per_class_rows(name, y, pred, fs.classes))
         write_csv(reports / f"confusion_{name}.csv", ["actual", "predicted"],

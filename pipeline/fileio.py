@@ -102,3 +102,15 @@ def read_json(path, what: str):
     if not path.is_file():
         raise PipelineError(f"{what} not found at {path}; run the earlier stages first (dvc repro)")
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def file_stem(name: str) -> str:
+    """A flat, safe file name for a backbone name (feature caches, store folders, reports).
+
+    ``timm/convnext_tiny.fb_in22k_ft_in1k`` -> ``timm--convnext_tiny.fb_in22k_ft_in1k``.
+    Registry names hold only letters, digits, ``_ . - /``; the slash becomes
+    ``--`` (no registry name contains ``--``, so two names never share a stem)
+    and anything else unexpected becomes ``_``.
+    """
+    stem = re.sub(r"[^A-Za-z0-9._-]", "_", name.replace("/", "--").replace("\\", "--"))
+    return stem.lstrip(".") or "_"

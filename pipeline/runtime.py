@@ -23,14 +23,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from pipeline.config.checks import DEVICES, EXTRACT_PRECISIONS, PRECISIONS, check_precision  # noqa: F401 (re-exported)
 from pipeline.errors import PipelineError
-
-DEVICES = ("auto", "cpu", "cuda", "cuda:N")
-#: The precisions of any network: trained, differentiated or only run.
-PRECISIONS = ("auto", "fp32", "bf16")
-#: ``extract.precision`` also takes int8: a quantized network only runs forward
-#: (no gradients, no training), so finetune and visualize cannot use it.
-EXTRACT_PRECISIONS = PRECISIONS + ("int8",)
 
 #: Photos that calibrate int8 (they fix each activation's quantization range).
 INT8_CALIBRATION_IMAGES = 64
@@ -75,17 +69,6 @@ class Precision:
         if self.name == "bf16":
             return torch.autocast(device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
-
-
-def check_precision(setting, key: str, accepted: tuple = PRECISIONS) -> None:
-    """Refuse a precision ``key`` does not accept, saying why int8 is refused where it is."""
-    if setting in accepted:
-        return
-    if setting == "int8":
-        raise PipelineError(f"{key} cannot be int8: int8 is for extract.precision only (a quantized network "
-                            f"runs forward only; {key.split('.')[0]} needs gradients); "
-                            f"accepted: {', '.join(accepted)}")
-    raise PipelineError(f"unknown {key} '{setting}'; accepted: {', '.join(accepted)}")
 
 
 def resolve_precision(setting: str, device: torch.device, key: str, accepted: tuple = PRECISIONS) -> Precision:

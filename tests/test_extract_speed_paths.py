@@ -213,7 +213,8 @@ def test_decoding_started_before_the_network_loads_is_used_or_discarded(tmp_path
     rows = _rows(catsdogs, per_class=5)
     spec = get_spec("efficientnet_lite0").transform_for("DEFAULT", 0)
     assert spec == lite0.transform_spec  # known without building the network
-    kw = {"root": catsdogs, "rows": rows, "classes": ["cat", "dog"], "decoder": "pillow", "batch_size": 4}
+    kw = {"root": catsdogs, "rows": rows, "classes": ["cat", "dog"], "decoder": "pillow", "batch_size": 4,
+          "decode_threads": 1}
     extract_features(lite0, out_path=tmp_path / "plain.h5", **kw)
 
     def early():

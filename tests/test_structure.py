@@ -112,12 +112,19 @@ def test_accepted_values_in_config_match_their_implementations():
     assert set(config.PARAMETERISATIONS) == set(optvis.PARAMETERISATIONS)
 
 
-def test_extract_starts_without_scikit_learn():
-    # The extract stage's start-up is counted against its first batch;
-    # scikit-learn and SciPy cost about a second of it and it needs neither.
+@pytest.mark.parametrize("stage,unneeded", [
+    # The extract stage's start-up counts against its first batch; scikit-learn
+    # and SciPy cost about a second of it and it needs neither.
+    ("stages.extract", ("sklearn", "scipy")),
+    # A new C re-runs these two: torch, timm and torchvision would cost them
+    # about four seconds each, and a head on cached features needs none.
+    ("stages.train_heads", ("torch", "timm", "torchvision")),
+    ("stages.evaluate", ("torch", "timm", "torchvision")),
+])
+def test_stages_start_without_what_they_do_not_use(stage, unneeded):
     import subprocess
     import sys
 
-    code = "import sys, stages.extract; print(sorted(m for m in ('sklearn', 'scipy') if m in sys.modules))"
+    code = f"import sys, {stage}; print(sorted(m for m in {unneeded!r} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -9,7 +9,7 @@ model.
 ===============  ===========================================================
 module           owns
 ===============  ===========================================================
-base             :class:`Backbone`, the spec interface, seeded init, weights files, :func:`file_stem`
+base             :class:`Backbone`, the spec interface, seeded init, weights files
 split            the feature layer rule: the input of the final classifier
 stages           fine-tuning's "last stage" rule: :func:`last_stage_modules`
 tv               torchvision's whole classification catalogue
@@ -25,10 +25,11 @@ Example:
     torch.Size([1, 1280])
 """
 
-from pipeline.backbones.base import Backbone, BackboneSpec, file_stem, sha256_file
+from pipeline.backbones.base import Backbone, BackboneSpec, sha256_file
 from pipeline.backbones.registry import REGISTRY, get_spec, load_backbone
 from pipeline.backbones.stages import last_stage_modules
 from pipeline.data.transform import TransformSpec  # re-exported: it used to live here
+from pipeline.fileio import file_stem  # re-exported: safe file names for backbone names
 
 __all__ = [
     "REGISTRY",

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -232,15 +231,3 @@ def load_into(model: nn.Module, sd: dict, source: str, name: str, by_order: bool
 
 
 # ---------------------------------------------------------------------- names
-
-
-def file_stem(name: str) -> str:
-    """A flat, safe file name for a backbone name.
-
-    ``timm/convnext_tiny.fb_in22k_ft_in1k`` -> ``timm--convnext_tiny.fb_in22k_ft_in1k``.
-    Registry names hold only letters, digits, ``_ . - /``; the slash becomes
-    ``--`` (no registry name contains ``--``, so two names never share a stem)
-    and anything else unexpected becomes ``_``.
-    """
-    stem = re.sub(r"[^A-Za-z0-9._-]", "_", name.replace("/", "--").replace("\\", "--"))
-    return stem.lstrip(".") or "_"

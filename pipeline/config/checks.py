@@ -12,7 +12,6 @@ import typing
 from typing import Any
 
 from pipeline.errors import PipelineError
-from pipeline.runtime import DEVICES
 
 # The accepted values of params keys whose meaning lives elsewhere: kept here,
 # with the checks, so that reading params.yaml depends on no stage's code
@@ -21,6 +20,14 @@ SOURCES = ("cats-vs-dogs", "folder", "oxford-iiit-pet")  # pipeline.data.sources
 DECODERS = ("auto", "pillow", "pillow-exact", "torchvision")  # pipeline.extract.decode
 PARAMETERISATIONS = ("fourier", "pixel")  # pipeline.visualize.optvis
 MODEL_SUFFIXES = (".pt", ".joblib")  # pipeline.serve.bundle: the fine-tuned network, a head
+# pipeline.runtime (where and how a network runs; here, so that checking params
+# never imports torch):
+DEVICES = ("auto", "cpu", "cuda", "cuda:N")
+#: The precisions of any network: trained, differentiated or only run.
+PRECISIONS = ("auto", "fp32", "bf16")
+#: ``extract.precision`` also takes int8: a quantized network only runs forward
+#: (no gradients, no training), so finetune and visualize cannot use it.
+EXTRACT_PRECISIONS = PRECISIONS + ("int8",)
 
 # ------------------------------------------------------------------- checks
 
@@ -106,3 +113,14 @@ class Section:
 
 def _section_type(t):
     return t if isinstance(t, type) and issubclass(t, Section) else None
+
+
+def check_precision(setting, key: str, accepted: tuple = PRECISIONS) -> None:
+    """Refuse a precision ``key`` does not accept, saying why int8 is refused where it is."""
+    if setting in accepted:
+        return
+    if setting == "int8":
+        raise PipelineError(f"{key} cannot be int8: int8 is for extract.precision only (a quantized network "
+                            f"runs forward only; {key.split('.')[0]} needs gradients); "
+                            f"accepted: {', '.join(accepted)}")
+    raise PipelineError(f"unknown {key} '{setting}'; accepted: {', '.join(accepted)}")

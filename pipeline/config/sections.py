@@ -6,12 +6,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.config.checks import (
-    DECODERS, MODEL_SUFFIXES, PARAMETERISATIONS, SOURCES, Section, _bad, _choice, _device, _int, _is_int,
-    _is_num, _num, check_split_params,
+    DECODERS, EXTRACT_PRECISIONS, MODEL_SUFFIXES, PARAMETERISATIONS, SOURCES, Section, _bad, _choice, _device,
+    _int, _is_int, _is_num, _num, check_precision, check_split_params,
 )
 from pipeline.errors import PipelineError
 from pipeline.heads.registry import HEADS, check_grid
-from pipeline.runtime import EXTRACT_PRECISIONS, check_precision
+
 
 @dataclass(frozen=True)
 class DataConfig(Section):

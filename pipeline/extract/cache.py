@@ -32,9 +32,8 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-import torch
 
-from pipeline.backbones import file_stem
+from pipeline.fileio import file_stem
 from pipeline.data.manifest import Row
 from pipeline.errors import PipelineError
 
@@ -76,6 +75,10 @@ def head_features_paths(out_dir: str | Path, backbone: str, extra=()) -> list[Pa
 
 def cache_attrs(provenance: dict, classes, decoder: str, precision: str, feature_dim: int) -> dict:
     """The cache's attributes: provenance, decoder, precision, versions, class list."""
+    # Imported here, by the extraction that writes a cache (torch is loaded by
+    # then): the heads' stages only read caches, and skip torch's start-up.
+    import torch
+
     return dict(
         provenance,
         decoder=decoder,

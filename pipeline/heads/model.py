@@ -13,15 +13,18 @@ unpickling a file from elsewhere can run arbitrary code.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import joblib
 import numpy as np
 import sklearn
-import torch
 
 from pipeline.errors import PipelineError
 from pipeline.extract.cache import check_provenance
 from pipeline.fileio import atomic_path
+
+if TYPE_CHECKING:
+    import torch
 
 
 def scores(estimator, X) -> np.ndarray:
@@ -32,6 +35,11 @@ def scores(estimator, X) -> np.ndarray:
     if s.ndim == 1:  # binary: one column is the second class's margin
         s = np.stack([-s, s], axis=1)
     return s
+
+
+def head_path(models_dir: str | Path, name: str) -> Path:
+    """Where the head ``name`` is saved: ``models/<name>.joblib``."""
+    return Path(models_dir) / f"{name}.joblib"
 
 
 def save_head(path: str | Path, search, provenance: dict, classes: list[str]) -> None:
@@ -88,6 +96,10 @@ def to_torch_linear(estimator) -> torch.nn.Linear:
         fed straight into it (fine-tuning starts here; visualisation
         differentiates through it).
     """
+    # torch is imported by the callers that need a layer (fine-tuning, a
+    # bundle's network); the heads' own stages never load it (seconds of start-up).
+    import torch
+
     scaler, clf = estimator.named_steps["scale"], estimator.named_steps["clf"]
     mean = np.zeros(clf.coef_.shape[1]) if scaler.mean_ is None else scaler.mean_
     scale = np.ones_like(mean) if scaler.scale_ is None else scaler.scale_

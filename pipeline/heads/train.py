@@ -9,14 +9,13 @@ saved, summarised and reported by the same code.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 
 from pipeline.extract.cache import CHECKED_ATTRS, open_cache
 from pipeline.fileio import write_json
 from pipeline.heads.batch import make_head
-from pipeline.heads.model import save_head
+from pipeline.heads.model import head_path, save_head
 from pipeline.heads.registry import check_grid, check_head, check_train_labels
 from pipeline.heads.streaming import StreamingHead
 
@@ -54,7 +53,7 @@ def train_head(
         n_train = len(y)
         how = f"{head.n_splits_}-fold CV (accuracy {head.best_score_:.4f})"
         kind = ""
-    save_head(Path(models_dir) / f"{name}.joblib", head, {k: fs.attrs[k] for k in CHECKED_ATTRS if k in fs.attrs}, fs.classes)
+    save_head(head_path(models_dir, name), head, {k: fs.attrs[k] for k in CHECKED_ATTRS if k in fs.attrs}, fs.classes)
     acc = float(head.best_score_)
     summary = {
         "best_C": float(head.best_params_["clf__C"]),

@@ -35,7 +35,7 @@ from pipeline.errors import PipelineError
 from pipeline.extract.cache import check_provenance
 from pipeline.finetune.checkpoint import load_finetuned
 from pipeline.finetune.network import FineTuneNet
-from pipeline.heads.model import load_head, scores, to_torch_linear
+from pipeline.heads.model import head_path, load_head, scores, to_torch_linear
 from pipeline.heads.registry import HEADS
 
 FINETUNE = "finetune"
@@ -221,7 +221,7 @@ def model_path(models_dir, name: str) -> Path:
     """``models/<head>.joblib`` or ``models/finetune.pt``."""
     if name not in MODELS:
         raise PipelineError(f"unknown model '{name}'; accepted: {', '.join(MODELS)}")
-    return Path(models_dir) / (f"{FINETUNE}.pt" if name == FINETUNE else f"{name}.joblib")
+    return Path(models_dir) / f"{FINETUNE}.pt" if name == FINETUNE else head_path(models_dir, name)
 
 
 def load_bundle(path, name: str | None = None, expected: dict | None = None) -> Bundle:
