@@ -237,3 +237,26 @@ def test_decoding_started_before_the_network_loads_is_used_or_discarded(tmp_path
     unused = early()
     res = extract_features(lite0, out_path=tmp_path / "again.h5", store_dir=tmp_path / "store", early=unused, **kw)
     assert res.n_computed == 0 and not unused.thread.is_alive()
+
+
+def test_whole_process_bench_times_both_processes_on_the_same_photos(tmp_path, catsdogs):
+    """The benchmark's whole-process rows: the stage twice and the lesson loop, each a real process."""
+    import shutil
+
+    from pipeline.bench_process import report, whole_process
+
+    folder = tmp_path / "photos"
+    for cls in ("cat", "dog"):
+        (folder / cls).mkdir(parents=True)
+        for f in sorted((catsdogs / cls).iterdir())[:4]:
+            shutil.copy(f, folder / cls / f.name)
+    r = whole_process(folder, "efficientnet_lite0", compile=False)
+    assert r["images"] == 8
+    # Each run computed all 8 photos itself: the second started with an empty store.
+    for run in ("cold", "warm"):
+        assert any("8 computed" in line for line in r[f"stage_{run}_log"]), r[f"stage_{run}_log"]
+        assert 0 < r[f"first_batch_{run}_s"] < r[f"stage_{run}_s"]
+    assert r["lesson_s"] > 0 and r["compiled_graphs_left"] is False
+    text = report(r, "efficientnet_lite0")
+    assert "it held no compiled graph: the first run stayed eager" in text
+    assert f"stage (warm) vs lesson loop: {r['lesson_s'] / r['stage_warm_s']:.2f}x" in text
