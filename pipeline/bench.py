@@ -35,6 +35,7 @@ import torch
 
 from pipeline.backbones import load_backbone
 from pipeline.bench_process import report, whole_process
+from pipeline.config import ExtractConfig
 from pipeline.data.images import load_rgb
 from pipeline.data.manifest import Row
 from pipeline.errors import PipelineError
@@ -77,7 +78,7 @@ def _model_only(model, batches, device, repeat=1) -> float:
 
 
 def bench_extract(folder, backbone, weights="DEFAULT", batch_size=32, device="auto", baseline=False,
-                  limit=None, decode_threads=2, decoder="auto", workers=2, precision="auto") -> dict:
+                  limit=None, decode_threads=ExtractConfig.decode_threads, decoder="auto", workers=2, precision="auto") -> dict:
     folder = Path(folder)
     dev = resolve_device(device, "--device")
     prec = resolve_precision(precision, dev, "--precision", EXTRACT_PRECISIONS)
@@ -318,7 +319,7 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", help="auto | fp32 | bf16 | int8, as extract.precision")
     p.add_argument("--decoder", default="auto")
-    p.add_argument("--decode-threads", type=int, default=2)
+    p.add_argument("--decode-threads", type=int, default=ExtractConfig.decode_threads)
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the straightforward loop")
     p.add_argument("--limit", type=int, default=None, help="use only the first N images")
     p.add_argument("--baseline", action="store_true", help="also time the straightforward loop")

@@ -30,6 +30,7 @@ import yaml
 from PIL import Image, ImageOps
 
 from pipeline.data.sources import prepare
+from pipeline.runtime import compile_cache_warm
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -108,7 +109,7 @@ def whole_process(folder, backbone: str, weights: str = "DEFAULT", precision: st
             out[f"stage_{run}_log"] = [line for line in log.splitlines() if line.startswith("extract:")]
             (tmp / "store").rename(tmp / f"store-{run}")  # the next run starts with an empty store
             if run == "cold":  # an eager first run leaves nothing for the second to reuse
-                out["compiled_graphs_left"] = any((tmp / "inductor" / "fxgraph").rglob("*"))
+                out["compiled_graphs_left"] = compile_cache_warm(env["TORCHINDUCTOR_CACHE_DIR"])
         if lesson:
             out["lesson_s"], _ = _timed([sys.executable, "-c", LESSON_LOOP, str(folder), backbone, weights],
                                         tmp, env)

@@ -111,9 +111,9 @@ def use_compile_cache(folder: str | os.PathLike) -> Path:
     return folder
 
 
-def compile_cache_warm() -> bool:
-    """True when the compile cache holds compiled graphs from an earlier run."""
-    folder = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+def compile_cache_warm(folder: str | os.PathLike | None = None) -> bool:
+    """True when the compile cache (``folder``, default: this process's) holds compiled graphs from an earlier run."""
+    folder = folder or os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     return bool(folder) and any((Path(folder) / "fxgraph").rglob("*"))
 
 

@@ -51,3 +51,5 @@ def test_compile_cache_folder_is_used_and_reported_warm(tmp_path, monkeypatch):
     (folder / "fxgraph" / "ab").mkdir(parents=True)
     (folder / "fxgraph" / "ab" / "entry").write_bytes(b"x")
     assert runtime.compile_cache_warm()
+    # Another process's cache, named by its folder (the whole-process bench asks so).
+    assert runtime.compile_cache_warm(folder) and not runtime.compile_cache_warm(tmp_path / "other")

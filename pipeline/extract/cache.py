@@ -33,9 +33,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from pipeline.fileio import file_stem
 from pipeline.data.manifest import Row
 from pipeline.errors import PipelineError
+from pipeline.fileio import file_stem
 
 #: Attributes a reader may require to match (besides ``classes``).
 #: ``input_size`` is present only where one was asked for (backbone.input_size != 0).

@@ -25,10 +25,9 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.fileio import file_stem
 from pipeline.data.manifest import Row
 from pipeline.errors import PipelineError
-from pipeline.fileio import atomic_path, remove_stale_temporaries, write_json
+from pipeline.fileio import atomic_path, file_stem, remove_stale_temporaries, write_json
 
 
 class FeatureStore:

@@ -9,7 +9,6 @@ saved, summarised and reported by the same code.
 
 from __future__ import annotations
 
-
 import numpy as np
 
 from pipeline.extract.cache import CHECKED_ATTRS, open_cache

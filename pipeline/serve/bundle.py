@@ -152,10 +152,6 @@ class HeadBundle(Bundle):
     def transform_spec(self) -> TransformSpec:
         return self.backbone.transform_spec
 
-    def score_features(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``(predictions, scores)`` of cached features: probabilities or raw decision values."""
-        return self.estimator.predict(X), scores(self.estimator, X)
-
     def scores(self, images: torch.Tensor) -> np.ndarray:
         features = self.backbone.features.to(self.device).eval()  # network() shares it and may have moved it
         with torch.inference_mode():
@@ -221,7 +217,7 @@ def model_path(models_dir, name: str) -> Path:
     """``models/<head>.joblib`` or ``models/finetune.pt``."""
     if name not in MODELS:
         raise PipelineError(f"unknown model '{name}'; accepted: {', '.join(MODELS)}")
-    return Path(models_dir) / f"{FINETUNE}.pt" if name == FINETUNE else head_path(models_dir, name)
+    return (Path(models_dir) / f"{FINETUNE}.pt") if name == FINETUNE else head_path(models_dir, name)
 
 
 def load_bundle(path, name: str | None = None, expected: dict | None = None) -> Bundle:
