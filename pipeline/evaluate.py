@@ -16,70 +16,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
-from sklearn.metrics import (
-    accuracy_score,
-    balanced_accuracy_score,
-    f1_score,
-    precision_recall_fscore_support,
-    top_k_accuracy_score,
-)
-
 from pipeline.config import Config
-from pipeline.data.manifest import Row, read_prepared
 from pipeline.errors import PipelineError
 from pipeline.extract.cache import CHECKED_ATTRS, head_features_paths, open_cache
 from pipeline.fileio import write_csv, write_json
 from pipeline.heads.model import head_path, load_head, scores
 from pipeline.heads.registry import HEADS
-
-
-def head_metrics(y_true, y_pred, scores, n_classes: int, top_k=(3, 5)) -> dict:
-    """accuracy, mean per-class accuracy, top-k (only where k < classes), macro F1, n_test."""
-    y_true = np.asarray(y_true)
-    labels = np.arange(n_classes)
-    m = {
-        "accuracy": float(accuracy_score(y_true, y_pred)),
-        # Balanced accuracy is the mean over classes of per-class recall.
-        "mean_class_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
-    }
-    for k in sorted(set(top_k)):
-        if n_classes > k:
-            m[f"top{k}_accuracy"] = float(top_k_accuracy_score(y_true, scores, k=k, labels=labels))
-    m["macro_f1"] = float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0))
-    m["n_test"] = int(len(y_true))
-    return m
-
-
-def per_class_rows(head: str, y_true, y_pred, classes: list[str]) -> list[list]:
-    """Rows head, class, support, accuracy (= recall), precision, f1."""
-    labels = np.arange(len(classes))
-    p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
-    return [
-        [head, c, int(s[i]), round(float(r[i]), 6), round(float(p[i]), 6), round(float(f[i]), 6)]
-        for i, c in enumerate(classes)
-    ]
-
-
-def manifest_rows(fs, features_file, prepared_dir) -> tuple[Path, list[Row]]:
-    """The cache's test rows as the manifest lists them: ``(dataset root, rows)``, in cache order.
-
-    Raises:
-        PipelineError: the cache holds a test image the manifest does not
-            list, or one whose content hash differs (the cache is stale).
-    """
-    prepared = read_prepared(prepared_dir)
-    listed = {r.path: r for r in prepared.split("test")}
-    test = fs.splits == "test"
-    rows = []
-    for path, sha in zip(fs.paths[test], fs.sha256[test]):
-        row = listed.get(str(path))
-        if row is None or row.sha256 != sha:
-            why = "does not list it" if row is None else "records another content hash"
-            raise PipelineError(f"{features_file} holds test image {path} but {prepared_dir}/manifest.csv {why}; "
-                                "the cache is stale: run dvc repro")
-        rows.append(row)
-    return prepared.root, rows
+from pipeline.metrics import head_metrics, per_class_rows
 
 
 def run_evaluate(cfg: Config, *, features_dir, models_dir, reports_dir,

@@ -18,7 +18,7 @@ from pipeline.data.manifest import Row, read_prepared
 from pipeline.data.sources import prepare
 from pipeline.data.transform import TransformSpec
 from pipeline.errors import PipelineError
-from pipeline.evaluate import manifest_rows
+from pipeline.extract.cache import manifest_rows
 from pipeline.extract.cache import FeatureSet
 from pipeline.finetune.checkpoint import load_finetuned, save_finetuned
 from pipeline.finetune.data import loader, split_validation

@@ -18,7 +18,7 @@ from pipeline.backbones import load_backbone
 from pipeline.data.manifest import Row, read_prepared, stratified_holdout
 from pipeline.data.sources import prepare
 from pipeline.errors import PipelineError
-from pipeline.evaluate import head_metrics
+from pipeline.metrics import head_metrics
 from pipeline.extract.cache import CHECKED_ATTRS, CacheWriter, cache_attrs, open_cache
 from pipeline.extract.local import extract_features
 from pipeline.heads.batch import make_head

@@ -18,7 +18,7 @@ from pipeline.config import parse_config  # noqa: E402
 from pipeline.data.manifest import Row, read_prepared  # noqa: E402
 from pipeline.data.sources import prepare  # noqa: E402
 from pipeline.errors import PipelineError  # noqa: E402
-from pipeline.evaluate import head_metrics  # noqa: E402
+from pipeline.metrics import head_metrics  # noqa: E402
 from pipeline.extract.cache import SCHEMA, open_cache  # noqa: E402
 from pipeline.extract.local import extract_features  # noqa: E402
 from pipeline.extract.ray_executor import extract_with_ray  # noqa: E402

@@ -33,7 +33,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from pipeline.data.manifest import Row
+from pipeline.data.manifest import Row, read_prepared
 from pipeline.errors import PipelineError
 from pipeline.fileio import file_stem
 
@@ -366,3 +366,24 @@ def concatenate(sets: list[FeatureSet], paths) -> FeatureSet:
     attrs.update(classes=first.attrs["classes"], feature_dim=sum(int(fs.attrs["feature_dim"]) for fs in sets))
     return FeatureSet(np.concatenate([fs.features for fs in sets], axis=1), first.labels, first.paths,
                       first.splits, first.sha256, first.classes, attrs)
+
+
+def manifest_rows(fs, features_file, prepared_dir) -> tuple[Path, list[Row]]:
+    """The cache's test rows as the manifest lists them: ``(dataset root, rows)``, in cache order.
+
+    Raises:
+        PipelineError: the cache holds a test image the manifest does not
+            list, or one whose content hash differs (the cache is stale).
+    """
+    prepared = read_prepared(prepared_dir)
+    listed = {r.path: r for r in prepared.split("test")}
+    test = fs.splits == "test"
+    rows = []
+    for path, sha in zip(fs.paths[test], fs.sha256[test]):
+        row = listed.get(str(path))
+        if row is None or row.sha256 != sha:
+            why = "does not list it" if row is None else "records another content hash"
+            raise PipelineError(f"{features_file} holds test image {path} but {prepared_dir}/manifest.csv {why}; "
+                                "the cache is stale: run dvc repro")
+        rows.append(row)
+    return prepared.root, rows

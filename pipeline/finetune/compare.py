@@ -28,7 +28,7 @@ import yaml
 from pipeline.backbones import load_backbone
 from pipeline.config import load_config
 from pipeline.data.manifest import read_prepared, stratified_holdout
-from pipeline.evaluate import head_metrics
+from pipeline.metrics import head_metrics
 from pipeline.extract.cache import features_path, open_cache
 from pipeline.finetune.data import loader, split_validation
 from pipeline.finetune.network import build_network

@@ -24,7 +24,8 @@ from pipeline.backbones import load_backbone
 from pipeline.config import Config
 from pipeline.data.manifest import read_prepared
 from pipeline.errors import PipelineError
-from pipeline.evaluate import head_metrics, manifest_rows
+from pipeline.extract.cache import manifest_rows
+from pipeline.metrics import head_metrics
 from pipeline.extract.cache import features_path, open_cache
 from pipeline.fileio import write_csv, write_json
 from pipeline.finetune.checkpoint import save_finetuned
