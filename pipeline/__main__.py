@@ -11,7 +11,6 @@ import sys
 
 from pipeline.backbones.catalogue import catalogue_text, show_text, timm_text
 from pipeline.cli import run_stage
-from pipeline.serve.bundle import MODELS
 from pipeline.serve.predict import run_predict
 
 
@@ -59,8 +58,9 @@ def main(argv=None) -> None:
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files, or folders searched recursively")
     p.add_argument(
         "--model",
-        choices=MODELS,
-        help="default: the best by test accuracy in reports/metrics.json",
+        metavar="NAME",
+        help="a head of heads.train (logreg, svm, ...: models/<NAME>.joblib) or finetune; default: the best by "
+        "test accuracy in reports/metrics_<head>.json and reports/finetune_metrics.json",
     )
     p.add_argument("--top-k", type=int, default=3, help="classes shown per image (default 3)")
     p.add_argument("--json", action="store_true", help="one JSON document on stdout")

@@ -1,4 +1,6 @@
-"""Stage evaluate: test-split metrics, per-class table and confusion data of the heads."""
+"""Stage evaluate@<head>: one head's test-split metrics, per-class table and confusion data."""
+
+import sys
 
 from pipeline.cli import run_stage
 from pipeline.config import load_config
@@ -7,8 +9,12 @@ from pipeline.evaluate import run_evaluate
 
 def main():
     cfg = load_config()
+    if len(sys.argv) != 2:
+        raise SystemExit(f"usage: python -m stages.evaluate HEAD  (HEAD: {' | '.join(cfg.heads.train)})")
+    name = sys.argv[1]
+    cfg.heads.head(name)  # a declared head, or a one-line error naming the declared ones
     # The fine-tuned network scores itself in the finetune stage (reports/finetune_metrics.json).
-    run_evaluate(cfg, features_dir="data/features", models_dir="models", reports_dir="reports")
+    run_evaluate(cfg, name, features_dir="data/features", models_dir="models", reports_dir="reports")
 
 
 if __name__ == "__main__":

@@ -1,23 +1,25 @@
-"""Stage train_heads@<head>: one head on the cached features (``python -m stages.train_heads logreg``)."""
+"""Stage train_heads@<head>: one head of heads.train on the cached features (``python -m stages.train_heads logreg``)."""
 
 import sys
 
 from pipeline.cli import run_stage
 from pipeline.config import load_config
 from pipeline.extract.cache import head_features_paths
-from pipeline.heads.registry import HEADS, check_head
 from pipeline.heads.train import train_head
 
 
 def main():
-    if len(sys.argv) != 2:
-        raise SystemExit(f"usage: python -m stages.train_heads HEAD  (HEAD: {' | '.join(HEADS)})")
-    name = check_head(sys.argv[1])
     cfg = load_config()
-    heads, head = cfg.heads, cfg.heads.head(name)
+    heads = cfg.heads
+    if len(sys.argv) != 2:
+        raise SystemExit(f"usage: python -m stages.train_heads HEAD  (HEAD: {' | '.join(heads.train)})")
+    name = sys.argv[1]
+    head = heads.head(name)
     train_head(
         name=name,
+        kind=head.kind,
         features_file=head_features_paths("data/features", cfg.backbone.name, heads.backbones),
+        extra_backbones=heads.backbones,
         models_dir="models",
         C=list(head.C),
         max_iter=head.max_iter,

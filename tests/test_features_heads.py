@@ -10,7 +10,6 @@ import h5py
 import numpy as np
 import pytest
 import torch
-import yaml
 from PIL import Image
 from sklearn.base import clone
 from sklearn.linear_model import LogisticRegression
@@ -28,7 +27,7 @@ from pipeline.extract.cache import open_cache
 from pipeline.extract.local import extract_features
 from pipeline.heads.batch import make_head
 from pipeline.heads.model import load_head, save_head, scores, to_torch_linear
-from pipeline.heads.registry import HEADS
+from pipeline.heads.registry import KINDS
 
 
 @pytest.fixture
@@ -156,11 +155,11 @@ def test_head_picks_the_C_with_the_best_cv_score_and_saves_it(tmp_path, name):
 
 
 def test_head_parameter_errors():
-    with pytest.raises(PipelineError, match="unknown head 'forest'; accepted: logreg, svm"):
+    with pytest.raises(PipelineError, match="unknown head kind 'forest'; accepted: logreg, svm"):
         make_head("forest", C=1.0)
-    with pytest.raises(PipelineError, match="heads.logreg.C"):
+    with pytest.raises(PipelineError, match=r"heads.train.logreg.C"):
         make_head("logreg", C=[-1])
-    with pytest.raises(PipelineError, match="heads.svm.C"):
+    with pytest.raises(PipelineError, match=r"heads.train.svm.C"):
         make_head("svm", C=[])
     with pytest.raises(PipelineError, match="at least 2 training images per class"):
         make_head("logreg", C=1.0, y=np.array([0, 0, 1]))
@@ -168,17 +167,52 @@ def test_head_parameter_errors():
 
 def test_unknown_params_key_is_named(tmp_path):
     p = tmp_path / "params.yaml"
-    p.write_text("heads:\n  logreg:\n    c: [1.0]\n")
-    with pytest.raises(PipelineError, match=r"unknown params key 'heads.logreg.c'.*accepted here: C, max_iter"):
+    p.write_text("heads:\n  train:\n    logreg:\n      c: [1.0]\n")
+    with pytest.raises(PipelineError, match=r"unknown params key 'heads.train.logreg.c'.*here: C, kind, max_iter"):
         load_config(p)
-    p.write_text("heads:\n  svm:\n    C: [0.5, 2]\n")
-    cfg = load_config(p)
-    assert cfg.heads.head("svm").C == (0.5, 2.0) and cfg.heads.head("logreg").C == HEADS["logreg"].C
+    p.write_text("heads:\n  logreg:\n    C: [1.0]\n")  # the layout before heads.train
+    with pytest.raises(PipelineError, match=r"unknown params key 'heads.logreg'.*declared under heads.train"):
+        load_config(p)
+    p.write_text("heads:\n  train:\n    wide: {C: [1.0]}\n")
+    with pytest.raises(PipelineError, match=r"heads.train.wide.kind must be one of logreg, svm, found 'wide'"):
+        load_config(p)
 
 
-def test_dvc_foreach_lists_the_registry_heads():
-    dvc = yaml.safe_load((Path(__file__).parents[1] / "dvc.yaml").read_text(encoding="utf-8"))
-    assert dvc["stages"]["train_heads"]["foreach"] == list(HEADS)
+def test_heads_are_declared_as_data_with_each_kinds_defaults(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text("heads:\n  train:\n    svm: {C: [0.5, 2]}\n    wide: {kind: logreg}\n")
+    heads = load_config(p).heads
+    assert list(heads.train) == ["svm", "wide"]
+    assert heads.head("svm").C == (0.5, 2.0) and heads.head("svm").max_iter == 10000
+    assert (heads.head("wide").kind, heads.head("wide").C) == ("logreg", (0.01, 0.1, 1.0))
+    with pytest.raises(PipelineError, match="no head 'logreg' under heads.train.*declared: svm, wide"):
+        heads.head("logreg")
+
+
+def test_the_kinds_params_accept_are_the_kinds_the_registry_builds():
+    from pipeline.config import HEAD_KINDS
+
+    assert list(HEAD_KINDS) == list(KINDS)
+
+
+def test_each_declared_head_has_its_stages_outputs_and_plot():
+    """dvc.yaml's foreach over heads.train, as DVC resolves it: a train and an evaluate stage per head."""
+    from dvc.repo import Repo
+    from test_graph import STAGES
+
+    heads = list(load_config(Path(__file__).parents[1] / "params.yaml").heads.train)
+    assert sorted(n for n in STAGES if n.startswith("train_heads@")) == sorted(f"train_heads@{h}" for h in heads)
+    assert sorted(n for n in STAGES if n.startswith("evaluate@")) == sorted(f"evaluate@{h}" for h in heads)
+    with Repo(str(Path(__file__).parents[1])) as repo:
+        stages = {s.name: s for s in repo.index.stages}
+        for h in heads:
+            evaluate = stages[f"evaluate@{h}"]
+            assert f"models/{h}.joblib" in {d.def_path for d in evaluate.deps}
+            plots = {o.def_path: o for o in evaluate.outs if o.plot}
+            assert f"reports/confusion_{h}.csv" in plots and f"reports/metrics_{h}.json" in {
+                o.def_path for o in evaluate.outs if o.metric}
+            outs = {o.def_path for o in stages[f"train_heads@{h}"].outs}
+            assert outs >= {f"models/{h}.joblib", f"reports/cv_{h}.json"}
 
 
 @pytest.mark.parametrize("n_classes", [2, 3])

@@ -70,8 +70,9 @@ def test_catsdogs_repro_metrics_schema_and_granular_rerun(project, catsdogs):
     paths, splits = _check_schema(h5_path, 240, classes)
     assert (splits == "test").sum() == 48  # 20 % of each class
 
-    metrics = json.loads((root / "reports/metrics.json").read_text())
-    assert set(metrics) == {"logreg", "svm"}  # evaluate scores the heads; finetune scores itself
+    metrics = {h: json.loads((root / f"reports/metrics_{h}.json").read_text())[h] for h in ("logreg", "svm")}
+    # evaluate@<head> scores the heads; finetune scores itself
+    assert not (root / "reports/metrics.json").exists()
     finetune = json.loads((root / "reports/finetune_metrics.json").read_text())
     assert set(finetune) == {"finetune", "finetune_run"}
     metrics["finetune"] = finetune["finetune"]
@@ -84,7 +85,8 @@ def test_catsdogs_repro_metrics_schema_and_granular_rerun(project, catsdogs):
         assert "top3_accuracy" not in head  # only two classes
     confusion = (root / "reports/confusion_logreg.csv").read_text().splitlines()
     assert confusion[0] == "actual,predicted" and len(confusion) == 49
-    assert (root / "reports/per_class.csv").is_file()
+    per_class = (root / "reports/per_class_logreg.csv").read_text().splitlines()
+    assert per_class[0] == "head,class,support,accuracy,precision,f1" and len(per_class) == 3
 
     # The visualize stage ran, with the judge's verdict on the ImageNet class: every
     # number recomputed from the PNGs it wrote.
@@ -112,11 +114,11 @@ def test_catsdogs_repro_metrics_schema_and_granular_rerun(project, catsdogs):
     before = h5_path.stat().st_mtime_ns
     unchanged = {f: (root / f).read_bytes() for f in ("models/finetune.pt", "reports/finetune_metrics.json",
                                                        "reports/visualize/ideal.json", "models/svm.joblib")}
-    project.set_params(heads={"logreg": {"C": [0.5]}})
+    project.set_params(heads={"train": {"logreg": {"C": [0.5]}}})
     out = project.dvc("repro").stdout
     # prepare always re-scans the photo folder (always_changed); its manifest is unchanged.
-    assert project.ran(out) - {"prepare"} == {"train_heads@logreg", "evaluate"}, out
-    for stage in ("extract", "train_heads@svm", "finetune", "visualize"):
+    assert project.ran(out) - {"prepare"} == {"train_heads@logreg", "evaluate@logreg"}, out
+    for stage in ("extract", "extract_extra", "train_heads@svm", "evaluate@svm", "finetune", "visualize"):
         assert f"Stage '{stage}' didn't change, skipping" in out, (stage, out)
     assert h5_path.stat().st_mtime_ns == before
     assert {f: (root / f).read_bytes() for f in unchanged} == unchanged
@@ -134,7 +136,7 @@ def test_dogbreeds10_reports_topk(project, dogbreeds10):
     root = project.path
     classes = json.loads((root / "data/prepared/classes.json").read_text())
     assert len(classes) == 10
-    metrics = json.loads((root / "reports/metrics.json").read_text())
+    metrics = {h: json.loads((root / f"reports/metrics_{h}.json").read_text())[h] for h in ("logreg", "svm")}
     for head, m in metrics.items():
         assert m["top3_accuracy"] >= m["accuracy"], (head, m)
         assert m["top5_accuracy"] >= m["top3_accuracy"], (head, m)
@@ -143,13 +145,21 @@ def test_dogbreeds10_reports_topk(project, dogbreeds10):
 
 
 def test_backbone_switch_and_back_restores_from_run_cache(project, catsdogs):
-    """Changing the backbone and changing it back costs no extraction."""
+    """Changing the backbone and changing it back costs no extraction, and gives A's heads again."""
+    from helpers_dvc import heads_reports
+
     _repro_folder(project, catsdogs, heads={"cv_folds": 3})
+    first = heads_reports(project.path)
+    assert first["models/logreg.joblib:provenance"]["backbone"] == "efficientnet_lite0"
     project.commit("lite0")
     project.set_params(backbone={"name": "resnet18", "weights": "none"})
     out = project.dvc("repro", "evaluate").stdout
     assert "Running stage 'extract'" in out
+    assert heads_reports(project.path)["models/logreg.joblib:provenance"]["backbone"] == "resnet18"
     project.set_params(backbone={"name": "efficientnet_lite0", "weights": "DEFAULT"})
     out = project.dvc("repro", "evaluate").stdout
     assert "Stage 'extract' is cached - skipping run, checking out outputs" in out, out
     assert (project.path / "data/features/efficientnet_lite0.h5").is_file()
+    # The heads' reports and the head's recorded backbone are A's again, and DVC agrees.
+    assert heads_reports(project.path) == first
+    assert set(json.loads(project.dvc("status", "--json").stdout)) <= {"prepare"}

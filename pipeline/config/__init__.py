@@ -20,7 +20,8 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.config.checks import DECODERS, PARAMETERISATIONS, SOURCES, Section, check_split_params
+from pipeline.config import reads
+from pipeline.config.checks import DECODERS, HEAD_KINDS, PARAMETERISATIONS, SOURCES, Section, check_split_params
 from pipeline.config.sections import (
     UNFREEZE, AttackConfig, BackboneConfig, DataConfig, EvaluateConfig, ExtractConfig, FeatureMapsConfig,
     FinetuneConfig, HeadConfig, HeadsConfig, RayConfig, VisualizeConfig,
@@ -28,7 +29,7 @@ from pipeline.config.sections import (
 from pipeline.errors import PipelineError
 
 __all__ = [
-    "DECODERS", "PARAMETERISATIONS", "SOURCES", "UNFREEZE", "AttackConfig", "BackboneConfig", "Config",
+    "DECODERS", "HEAD_KINDS", "PARAMETERISATIONS", "SOURCES", "UNFREEZE", "AttackConfig", "BackboneConfig", "Config",
     "DataConfig", "EvaluateConfig", "ExtractConfig", "FeatureMapsConfig", "FinetuneConfig", "HeadConfig",
     "HeadsConfig", "RayConfig", "Section", "VisualizeConfig", "check_split_params", "load_config",
     "parse_config",
@@ -80,4 +81,6 @@ def load_config(path: str | Path = "params.yaml") -> Config:
         given = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise PipelineError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    return parse_config(given, str(path))
+    cfg = parse_config(given, str(path))
+    reads.start()  # with TL_RECORD_PARAMS set: note every key the stage reads from here on
+    return cfg

@@ -11,6 +11,7 @@ import numbers
 import typing
 from typing import Any
 
+from pipeline.config.reads import Recorded
 from pipeline.errors import PipelineError
 
 # The accepted values of params keys whose meaning lives elsewhere: kept here,
@@ -20,6 +21,12 @@ SOURCES = ("cats-vs-dogs", "folder", "oxford-iiit-pet")  # pipeline.data.sources
 DECODERS = ("auto", "pillow", "pillow-exact", "torchvision")  # pipeline.extract.decode
 PARAMETERISATIONS = ("fourier", "pixel")  # pipeline.visualize.optvis
 MODEL_SUFFIXES = (".pt", ".joblib")  # pipeline.serve.bundle: the fine-tuned network, a head
+#: The kinds of head (pipeline.heads.registry.KINDS, which builds them) and the
+#: defaults of a head of each kind under ``heads.train``.
+HEAD_KINDS = {
+    "logreg": {"C": (0.01, 0.1, 1.0), "max_iter": 2000},
+    "svm": {"C": (0.00001, 0.0001, 0.001, 0.01), "max_iter": 10000},
+}
 # pipeline.runtime (where and how a network runs; here, so that checking params
 # never imports torch):
 DEVICES = ("auto", "cpu", "cuda", "cuda:N")
@@ -80,10 +87,18 @@ def _device(where, value):
 # ------------------------------------------------------------------- building
 
 
-class Section:
-    """Base of the sections: building from a mapping checks every key."""
+def runtime(default, **kw):
+    """A field that says where or how fast a stage runs, never what it outputs.
 
-    _where = ""
+    dvc.yaml does not list such a key under the stage's ``params`` (editing it
+    must not re-run a ten-minute extraction), and the test that compares
+    each stage's params reads with dvc.yaml accepts it unlisted.
+    """
+    return dataclasses.field(default=default, metadata={"runtime": True}, **kw)
+
+
+class Section(Recorded):
+    """Base of the sections: building from a mapping checks every key."""
 
     @classmethod
     def from_mapping(cls, given: Any, where: str, source: str = "params.yaml"):
@@ -105,7 +120,9 @@ class Section:
                 kwargs[name] = sub.from_mapping(given.get(name), f"{where}.{name}", source)
             elif name in given:
                 kwargs[name] = given[name]
-        return cls(**kwargs)
+        section = cls(**kwargs)
+        object.__setattr__(section, "_where", where)  # its key path, for the reads' record
+        return section
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.config.checks import (
-    DECODERS, EXTRACT_PRECISIONS, MODEL_SUFFIXES, PARAMETERISATIONS, SOURCES, Section, _bad, _choice, _device,
-    _int, _is_int, _is_num, _num, check_precision, check_split_params,
+    DECODERS, EXTRACT_PRECISIONS, HEAD_KINDS, MODEL_SUFFIXES, PARAMETERISATIONS, SOURCES, Section, _bad, _choice,
+    _device, _int, _is_int, _is_num, _num, check_precision, check_split_params, runtime,
 )
+from pipeline.config.reads import Recorded
 from pipeline.errors import PipelineError
-from pipeline.heads.registry import HEADS, check_grid
+from pipeline.fileio import file_stem
 
 
 @dataclass(frozen=True)
@@ -45,9 +47,10 @@ class BackboneConfig(Section):
 
 @dataclass(frozen=True)
 class RayConfig(Section):
-    address: str = ""
-    num_gpus_per_worker: float = 0
-    concurrency: int = 2
+    # Where the Ray engine runs, never what it computes: the same rows as the local engine.
+    address: str = runtime("")
+    num_gpus_per_worker: float = runtime(0)
+    concurrency: int = runtime(2)
 
     def __post_init__(self):
         if not isinstance(self.address, str):
@@ -64,15 +67,16 @@ class RayConfig(Section):
 
 @dataclass(frozen=True)
 class ExtractConfig(Section):
-    batch_size: int = 32
-    device: str = "auto"
+    # precision and decoder change the features; the rest says where and how fast they are computed.
+    batch_size: int = runtime(32)
+    device: str = runtime("auto")
     precision: str = "auto"
     decoder: str = "auto"
-    decode_threads: int = 2
-    compile: Any = "auto"
-    store: str = "data/cache/features"
-    flush_every: int = 256
-    engine: str = "local"
+    decode_threads: int = runtime(2)
+    compile: Any = runtime("auto")
+    store: str = runtime("data/cache/features")
+    flush_every: int = runtime(256)
+    engine: str = runtime("local")
     ray: RayConfig = field(default_factory=RayConfig)
 
     def __post_init__(self):
@@ -89,23 +93,46 @@ class ExtractConfig(Section):
 
 @dataclass(frozen=True)
 class HeadConfig(Section):
-    """``heads.<name>``: the C grid and the iteration cap of one head."""
+    """``heads.train.<name>``: one head: its kind, its C grid and its iteration cap.
 
+    Unset values take the kind's defaults (:data:`~pipeline.config.checks.HEAD_KINDS`);
+    ``kind`` defaults to the head's name (``logreg: {}`` is a logistic regression).
+    """
+
+    kind: str = ""
     C: Any = None
     max_iter: int | None = None
 
     def check(self, name: str) -> "HeadConfig":
-        """This head's settings with the registry's defaults filled in, checked."""
-        spec = HEADS[name]
-        grid = check_grid(name, spec.C if self.C is None else self.C)
-        max_iter = spec.max_iter if self.max_iter is None else self.max_iter
-        _int(f"heads.{name}", "max_iter", max_iter, lo=1)
-        return HeadConfig(C=tuple(float(c) for c in grid), max_iter=int(max_iter))
+        """This head's settings with its kind's defaults filled in, checked."""
+        where = f"heads.train.{name}"
+        kind = self.kind or name
+        if kind not in HEAD_KINDS:
+            raise PipelineError(f"{where}.kind must be one of {', '.join(HEAD_KINDS)}, found {kind!r}"
+                                + ("" if self.kind else " (taken from the head's name: set kind)"))
+        C = HEAD_KINDS[kind]["C"] if self.C is None else self.C
+        grid = [C] if isinstance(C, numbers.Real) else (list(C) if isinstance(C, (list, tuple)) else None)
+        if not grid or not all(_is_num(c) and c > 0 for c in grid):
+            raise _bad(f"{where}.C", "a positive number or a list of them", C)
+        max_iter = HEAD_KINDS[kind]["max_iter"] if self.max_iter is None else self.max_iter
+        _int(where, "max_iter", max_iter, lo=1)
+        checked = HeadConfig(kind=kind, C=tuple(float(c) for c in grid), max_iter=int(max_iter))
+        object.__setattr__(checked, "_where", where)
+        return checked
+
+
+def _default_heads() -> dict:
+    return {kind: HeadConfig().check(kind) for kind in HEAD_KINDS}
 
 
 @dataclass(frozen=True)
-class HeadsConfig:
-    """``heads``: shared settings, and one :class:`HeadConfig` per registry head."""
+class HeadsConfig(Recorded):
+    """``heads``: shared settings, and ``train``: the heads, declared by name (one :class:`HeadConfig` each).
+
+    ``heads.train`` is the one declaration of the heads: dvc.yaml's
+    ``foreach`` makes a ``train_heads@<name>`` and an ``evaluate@<name>``
+    stage of each entry.
+    """
 
     cv_folds: int = 5
     seed: int = 0
@@ -113,7 +140,7 @@ class HeadsConfig:
     chunk_rows: int = 65536
     epochs: int = 10
     backbones: Any = ()  # more backbones whose features are concatenated after backbone.name's
-    per_head: dict = field(default_factory=dict)  # name -> HeadConfig
+    train: dict = field(default_factory=_default_heads)  # name -> HeadConfig
 
     SHARED = ("cv_folds", "seed", "out_of_core", "chunk_rows", "epochs", "backbones")
 
@@ -122,15 +149,28 @@ class HeadsConfig:
         given = {} if given is None else given
         if not isinstance(given, dict):
             raise PipelineError(f"params key '{where}' in {source} must be a mapping, found {given!r}")
-        accepted = sorted([*cls.SHARED, *HEADS])
+        accepted = sorted([*cls.SHARED, "train"])
         for key in given:
             if key not in accepted:
-                raise PipelineError(f"unknown params key '{where}.{key}' in {source}; "
+                hint = f" (heads are declared under {where}.train)" if key in HEAD_KINDS else ""
+                raise PipelineError(f"unknown params key '{where}.{key}' in {source}{hint}; "
                                     f"accepted here: {', '.join(accepted)}")
-        per_head = {
-            name: HeadConfig.from_mapping(given.get(name), f"{where}.{name}", source).check(name) for name in HEADS
-        }
-        return cls(**{k: given[k] for k in cls.SHARED if k in given}, per_head=per_head)
+        train = given.get("train")
+        if train is None:
+            heads = _default_heads()
+        else:
+            if not isinstance(train, dict) or not train:
+                raise _bad(f"{where}.train", "a mapping of head names to {kind, C, max_iter}", train)
+            heads = {}
+            for name, body in train.items():
+                # The name names the head's files (models/<name>.joblib, reports/metrics_<name>.json).
+                if not isinstance(name, str) or not name or file_stem(name) != name or name == "finetune":
+                    raise _bad(f"{where}.train key", "a head name of letters, digits, '_', '.', '-' "
+                               "(not 'finetune', the fine-tuned network's name)", name)
+                heads[name] = HeadConfig.from_mapping(body, f"{where}.train.{name}", source).check(name)
+        section = cls(**{k: given[k] for k in cls.SHARED if k in given}, train=heads)
+        object.__setattr__(section, "_where", where)
+        return section
 
     def __post_init__(self):
         _int("heads", "cv_folds", self.cv_folds, lo=2)
@@ -148,15 +188,17 @@ class HeadsConfig:
         if self.out_of_core and extra:
             raise PipelineError("heads.out_of_core streams one cache; with heads.backbones set, keep "
                                 "heads.out_of_core: false (the concatenated features are read into memory)")
-        if not self.per_head:
-            object.__setattr__(self, "per_head", {n: HeadConfig().check(n) for n in HEADS})
 
     def head(self, name: str) -> HeadConfig:
-        return self.per_head[name]
+        """The head declared as ``heads.train.<name>``."""
+        if name not in self.train:
+            raise PipelineError(f"no head '{name}' under heads.train in params.yaml; declared: "
+                                f"{', '.join(self.train)}")
+        return self.train[name]
 
     def to_dict(self) -> dict:
         d = {k: getattr(self, k) for k in self.SHARED}
-        d.update({n: {"C": list(h.C), "max_iter": h.max_iter} for n, h in self.per_head.items()})
+        d["train"] = {n: {"kind": h.kind, "C": list(h.C), "max_iter": h.max_iter} for n, h in self.train.items()}
         return d
 
 
@@ -178,9 +220,9 @@ class FinetuneConfig(Section):
     patience: int = 2
     max_minutes: float = 10
     seed: int = 0
-    device: str = "auto"
+    device: str = runtime("auto")
     precision: str = "auto"
-    decode_workers: Any = "auto"
+    decode_workers: Any = runtime("auto")
     head_C: float = 0.1  # the warm-start head's C: fixed, never chosen on the validation slice
     ema: float = 0.0  # per-step decay of an average of the weights; 0 = off
     tta_flip: bool = False  # score each photo and its mirror image, average the logits
@@ -260,7 +302,7 @@ class VisualizeConfig(Section):
     l2_weight: float = 20.0
     seed: int = 0
     judge: str = "efficientnet_lite2"
-    device: str = "auto"
+    device: str = runtime("auto")
     precision: str = "auto"
     attack: AttackConfig = field(default_factory=AttackConfig)
     feature_maps: FeatureMapsConfig = field(default_factory=FeatureMapsConfig)
@@ -270,7 +312,7 @@ class VisualizeConfig(Section):
         # A file, not a name: dvc.yaml lists it as the stage's dependency as it is.
         if not isinstance(self.model, str) or not self.model.endswith(MODEL_SUFFIXES):
             raise _bad(f"{w}.model", "a model file: models/finetune.pt (the fine-tuned network) or "
-                       f"models/<head>.joblib ({', '.join(HEADS)})", self.model)
+                       "models/<head>.joblib (a head of heads.train)", self.model)
         _choice(w, "param", self.param, PARAMETERISATIONS)
         _int(w, "steps", self.steps, lo=1)
         _num(w, "lr", self.lr)

@@ -9,6 +9,7 @@ validation slices of fine-tuning and of the streaming heads.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import zlib
 from dataclasses import dataclass
@@ -55,6 +56,23 @@ class Prepared:
 
     def split(self, name: str) -> list[Row]:
         return [r for r in self.rows if r.split == name]
+
+    @property
+    def sha256(self) -> str:
+        """The manifest's identity: :func:`rows_sha256` of its classes and rows."""
+        return rows_sha256(self.classes, self.rows)
+
+
+def rows_sha256(classes: Sequence[str], rows: Sequence[Row]) -> str:
+    """sha256 of a class list and rows (path, label, split, content hash), in order.
+
+    Computed from the records, not the CSV's bytes, so that a manifest and a
+    cache made from it can be compared however either is stored.
+    """
+    h = hashlib.sha256(json.dumps(list(classes), ensure_ascii=False).encode("utf-8"))
+    for r in rows:
+        h.update(f"\n{r.path}\t{r.label}\t{r.split}\t{r.sha256}".encode("utf-8"))
+    return h.hexdigest()
 
 
 def read_prepared(out_dir) -> Prepared:

@@ -14,9 +14,13 @@ sha256         (N,) ascii    content hash of the image file the row came from
 
 Attributes: ``backbone``, ``weights``, ``weights_sha256``, ``transform`` (readable
 description of resize/crop/normalisation), ``decoder``, ``precision``,
-``torch_version``, ``classes`` (JSON list), ``feature_dim``. :func:`open_cache`
-checks them against what the reader expects, so a cache made with another
-backbone, transform, decoder or precision is refused, not mixed in.
+``torch_version``, ``classes`` (JSON list), ``feature_dim``, ``manifest_sha256``
+(:func:`~pipeline.data.manifest.rows_sha256` of the manifest it was made
+from) and ``content_sha256`` (of every row's features, path, label, split and
+image hash, in order: the identity a head records and evaluate checks).
+:func:`open_cache` checks them against what the reader expects, so a cache
+made with another backbone, transform, decoder or precision is refused, not
+mixed in.
 
 Both engines write the file with the one :class:`CacheWriter` (from the
 per-image store, in manifest order), and every reader opens it with
@@ -25,6 +29,7 @@ per-image store, in manifest order), and every reader opens it with
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from dataclasses import dataclass
@@ -33,13 +38,16 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from pipeline.data.manifest import Row, read_prepared
+from pipeline.data.manifest import Row, read_prepared, rows_sha256
 from pipeline.errors import PipelineError
-from pipeline.fileio import file_stem
+from pipeline.fileio import file_stem, write_json
 
 #: Attributes a reader may require to match (besides ``classes``).
 #: ``input_size`` is present only where one was asked for (backbone.input_size != 0).
-CHECKED_ATTRS = ("backbone", "weights", "weights_sha256", "transform", "input_size", "decoder", "precision")
+#: The descriptive keys come first, so that a mismatch names the most telling
+#: difference; the content hash catches whatever they do not say.
+CHECKED_ATTRS = ("backbone", "weights", "weights_sha256", "transform", "input_size", "decoder", "precision",
+                 "manifest_sha256", "content_sha256")
 
 _STR = h5py.string_dtype("utf-8")
 _ASCII = h5py.string_dtype("ascii")
@@ -68,18 +76,51 @@ def features_path(out_dir: str | Path, backbone: str) -> Path:
     return Path(out_dir, *parts[:-1]) / f"{parts[-1]}.h5"
 
 
+#: The extract_extra stage's folder under the features folder, and the index it writes there.
+EXTRA_DIR, EXTRA_INDEX = "extra", "index.json"
+
+
+def write_extra_index(extra_dir: str | Path, backbones) -> Path:
+    """Record which backbones' caches ``extra_dir`` holds, in ``heads.backbones`` order (also when none)."""
+    path = Path(extra_dir) / EXTRA_INDEX
+    write_json(path, {"backbones": list(backbones)})
+    return path
+
+
 def head_features_paths(out_dir: str | Path, backbone: str, extra=()) -> list[Path]:
-    """The caches a head reads: ``backbone``'s, then each of ``heads.backbones`` (under ``extra/``)."""
-    return [features_path(out_dir, backbone)] + [features_path(Path(out_dir) / "extra", b) for b in extra]
+    """The caches a head reads: ``backbone``'s, then each of ``heads.backbones`` (under ``extra/``).
+
+    The extract_extra stage's index must list exactly ``extra``: a folder
+    made for another ``heads.backbones`` is stale, not partly usable.
+
+    Raises:
+        PipelineError: the index is missing or lists other backbones.
+    """
+    extra_dir = Path(out_dir) / EXTRA_DIR
+    index = extra_dir / EXTRA_INDEX
+    try:
+        listed = json.loads(index.read_text(encoding="utf-8"))["backbones"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise PipelineError(f"{index} not found or unreadable; run dvc repro (the extract_extra stage "
+                            "writes it, also when heads.backbones is [])") from None
+    if list(listed) != list(extra):
+        raise PipelineError(f"{extra_dir} holds the caches of {listed} but heads.backbones is {list(extra)}; "
+                            "it is stale: run dvc repro")
+    return [features_path(out_dir, backbone)] + [features_path(extra_dir, b) for b in extra]
 
 
-def cache_attrs(provenance: dict, classes, decoder: str, precision: str, feature_dim: int) -> dict:
-    """The cache's attributes: provenance, decoder, precision, versions, class list."""
+def cache_attrs(provenance: dict, classes, decoder: str, precision: str, feature_dim: int, rows=None) -> dict:
+    """The cache's attributes: provenance, decoder, precision, versions, class list, the manifest's hash.
+
+    ``rows`` are the manifest's rows the cache is made from (before any image
+    is skipped as unreadable); without them no ``manifest_sha256`` is recorded.
+    ``content_sha256`` is added by the writer.
+    """
     # Imported here, by the extraction that writes a cache (torch is loaded by
     # then): the heads' stages only read caches, and skip torch's start-up.
     import torch
 
-    return dict(
+    attrs = dict(
         provenance,
         decoder=decoder,
         precision=precision,
@@ -87,6 +128,9 @@ def cache_attrs(provenance: dict, classes, decoder: str, precision: str, feature
         classes=json.dumps(classes, ensure_ascii=False),
         feature_dim=int(feature_dim),
     )
+    if rows is not None:
+        attrs["manifest_sha256"] = rows_sha256(classes, rows)
+    return attrs
 
 
 def check_free_space(path: Path, n_rows: int, dim: int) -> None:
@@ -121,6 +165,7 @@ class CacheWriter:
 
     def __init__(self, path: str | Path, dim: int, attrs: dict):
         self.path, self.n = Path(path), 0
+        self._sha = hashlib.sha256()
         # HDF5 chunks of about 1 MB along the sample axis: a small file stays small.
         chunk_rows = max(16, (1 << 20) // (4 * dim))
         self.h5 = h5py.File(self.path, "w")
@@ -133,6 +178,9 @@ class CacheWriter:
         """Append rows and their features; returns the index of the first new row."""
         start, k = self.n, len(rows)
         self.n += k
+        self._sha.update(np.ascontiguousarray(features, dtype="<f4").tobytes())
+        for r in rows:
+            self._sha.update(f"\n{r.path}\t{r.label}\t{r.split}\t{r.sha256}".encode("utf-8"))
         for name, data in dict(_columns(rows), features=features).items():
             ds = self.h5[name]
             ds.resize(self.n, axis=0)
@@ -140,7 +188,9 @@ class CacheWriter:
         return start
 
     def close(self) -> None:
-        self.h5.close()
+        if self.h5:
+            self.h5.attrs["content_sha256"] = self._sha.hexdigest()
+            self.h5.close()
 
     def __enter__(self):
         return self

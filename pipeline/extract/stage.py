@@ -9,7 +9,7 @@ from pipeline.backbones import get_spec, load_backbone
 from pipeline.config import BackboneConfig, ExtractConfig
 from pipeline.data.manifest import read_prepared
 from pipeline.extract import decode
-from pipeline.extract.cache import features_path
+from pipeline.extract.cache import EXTRA_DIR, features_path, write_extra_index
 from pipeline.extract.compute import ExtractResult
 from pipeline.extract.local import extract_features
 from pipeline.extract.ray_executor import extract_with_ray
@@ -85,3 +85,22 @@ def run_extract(*, backbone: BackboneConfig, extract: ExtractConfig, prepared_di
             "first_batch_seconds": round(first, 2) if first is not None else None,
         }})
     return res
+
+
+def run_extract_extra(*, backbones, extract: ExtractConfig, prepared_dir="data/prepared",
+                      out_dir="data/features") -> list[ExtractResult]:
+    """The ``extract_extra`` stage: each of ``heads.backbones`` (default weights) into ``<out_dir>/extra/``.
+
+    One stage for the whole list, whose output folder holds exactly the
+    caches the heads concatenate, and an index of them in order: the heads
+    then depend on that folder, and DVC sees ``heads.backbones`` change
+    ``[] -> [x] -> []`` as the folder it is. The per-image store makes a
+    backbone already extracted cost only the file's writing.
+    """
+    extra_dir = Path(out_dir) / EXTRA_DIR
+    extra_dir.mkdir(parents=True, exist_ok=True)
+    results = [run_extract(backbone=BackboneConfig(name=name), extract=extract, prepared_dir=prepared_dir,
+                           out_dir=extra_dir) for name in backbones]
+    index = write_extra_index(extra_dir, backbones)
+    print(f"extract_extra: {len(results)} extra backbone(s) {list(backbones)} -> {index}", flush=True)
+    return results

@@ -103,7 +103,7 @@ def run_finetune(cfg: Config, *, prepared_dir, features_dir, out_path, live_dir,
               [[fs.classes[a], fs.classes[p]] for a, p in zip(y, pred)])
     wall = time.perf_counter() - t0
     # Two entries: `dvc metrics show` lines finetune.accuracy up with logreg.accuracy
-    # (reports/metrics.json), and the run's cost sits beside it.
+    # (reports/metrics_logreg.json), and the run's cost sits beside it.
     write_json(reports / "finetune_metrics.json", {
         FINETUNE: metrics,
         "finetune_run": {"wall_seconds": round(wall, 1), "training_seconds": round(result.seconds, 1),

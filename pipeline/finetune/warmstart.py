@@ -29,7 +29,7 @@ from sklearn.preprocessing import StandardScaler
 from pipeline.data.manifest import Row
 from pipeline.errors import PipelineError
 from pipeline.extract.cache import FeatureSet
-from pipeline.heads.registry import HEADS, check_train_labels
+from pipeline.heads.registry import KINDS, check_train_labels
 
 HEAD = "logreg"
 MAX_ITER = 2000
@@ -68,5 +68,5 @@ def fit_warm_start(fs: FeatureSet, rows: Sequence[Row], *, C: float, seed: int, 
     idx = cached_rows(fs, rows, source)
     X, y = fs.features[idx], fs.labels[idx]
     check_train_labels(y, fs.classes, source)
-    clf = HEADS[HEAD].estimator(MAX_ITER, seed).set_params(C=float(C))
+    clf = KINDS[HEAD].estimator(MAX_ITER, seed).set_params(C=float(C))
     return Pipeline([("scale", StandardScaler()), ("clf", clf)]).fit(X, y)

@@ -42,7 +42,7 @@ def head_path(models_dir: str | Path, name: str) -> Path:
     return Path(models_dir) / f"{name}.joblib"
 
 
-def save_head(path: str | Path, search, provenance: dict, classes: list[str]) -> None:
+def save_head(path: str | Path, search, provenance: dict, classes: list[str], kind: str = "") -> None:
     """Save the refitted best pipeline with what it was trained on.
 
     Args:
@@ -52,6 +52,7 @@ def save_head(path: str | Path, search, provenance: dict, classes: list[str]) ->
     """
     bundle = {
         "estimator": search.best_estimator_,
+        "kind": kind,
         "classes": list(classes),
         "provenance": dict(provenance),
         "best_C": float(search.best_params_["clf__C"]),

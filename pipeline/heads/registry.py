@@ -1,14 +1,17 @@
-"""The heads by name: the one place a head is declared.
+"""The kinds of head by name: the code behind each ``kind`` a head declaration names.
 
-Each entry gives the in-memory estimator (fitted on the whole train split,
-C chosen by cross-validation), the loss of its streaming counterpart
-(``heads.out_of_core``), and the defaults of its ``heads.<name>`` params
-section. Everything else derives its list of heads from :data:`HEADS`:
-the ``train_heads`` stage, ``pipeline.config``, ``predict --model`` and
-``dvc.yaml``'s ``foreach`` (a test checks the last).
+The heads themselves are data: ``heads.train`` in params.yaml declares each
+head by name (``logreg: {kind: logreg, C: [...]}``); dvc.yaml's ``foreach``
+and :mod:`pipeline.config` read that one declaration, and neither imports
+this module. Here each kind gives the in-memory estimator (fitted on the whole
+train split, C chosen by cross-validation) and the loss of its streaming
+counterpart (``heads.out_of_core``). The kinds' default C grid and iteration
+cap are params defaults, so they live with the params checks
+(:data:`pipeline.config.checks.HEAD_KINDS`; a test checks that both list the
+same kinds).
 
-To add a head: one entry here, its ``heads.<name>`` section in params.yaml,
-and its name in ``dvc.yaml``'s ``foreach``.
+To add a kind: one entry here and its defaults in ``HEAD_KINDS``. To add a
+head of an existing kind: one entry under ``heads.train`` in params.yaml.
 """
 
 from __future__ import annotations
@@ -23,17 +26,15 @@ from pipeline.errors import PipelineError
 
 
 @dataclass(frozen=True)
-class HeadSpec:
+class KindSpec:
     estimator: Callable[[int, int], object]  # (max_iter, seed) -> unfitted scikit-learn classifier
     streaming_loss: str  # SGDClassifier loss of the out-of-core counterpart
-    C: tuple[float, ...]  # default grid of inverse regularisation strengths
-    max_iter: int
     description: str
 
 
 # scikit-learn is imported when a head is built, not with this module: the
-# params checks import it, and every stage (extract's start-up above all)
-# would otherwise pay about a second for scikit-learn and SciPy.
+# stages that only read a head's file would otherwise pay about a second for
+# scikit-learn and SciPy at start-up.
 def _logreg(max_iter: int, seed: int):
     from sklearn.linear_model import LogisticRegression
 
@@ -46,29 +47,23 @@ def _linear_svc(max_iter: int, seed: int):
     return LinearSVC(max_iter=max_iter, random_state=seed)
 
 
-HEADS: dict[str, HeadSpec] = {
-    "logreg": HeadSpec(
-        _logreg,
-        "log_loss", (0.01, 0.1, 1.0), 2000, "logistic regression",
-    ),
-    "svm": HeadSpec(
-        _linear_svc,
-        "hinge", (0.00001, 0.0001, 0.001, 0.01), 10000, "linear SVM",
-    ),
+KINDS: dict[str, KindSpec] = {
+    "logreg": KindSpec(_logreg, "log_loss", "logistic regression"),
+    "svm": KindSpec(_linear_svc, "hinge", "linear SVM"),
 }
 
 
-def check_head(name: str) -> str:
-    if name not in HEADS:
-        raise PipelineError(f"unknown head '{name}'; accepted: {', '.join(HEADS)}")
-    return name
+def check_kind(kind: str) -> str:
+    if kind not in KINDS:
+        raise PipelineError(f"unknown head kind '{kind}'; accepted: {', '.join(KINDS)}")
+    return kind
 
 
 def check_grid(name: str, C) -> list:
-    """``heads.<name>.C`` as a list of candidates: a positive number or a non-empty list of them."""
+    """``heads.train.<name>.C`` as a list of candidates: a positive number or a non-empty list of them."""
     grid = [C] if np.isscalar(C) else list(C)
     if not grid or not all(isinstance(c, numbers.Real) and not isinstance(c, bool) and c > 0 for c in grid):
-        raise PipelineError(f"heads.{name}.C must be a positive number or a list of them, found {C!r}")
+        raise PipelineError(f"heads.train.{name}.C must be a positive number or a list of them, found {C!r}")
     return grid
 
 

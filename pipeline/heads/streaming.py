@@ -53,7 +53,7 @@ from sklearn.utils.validation import check_is_fitted
 from pipeline.data.manifest import stratified_holdout
 from pipeline.errors import PipelineError
 from pipeline.extract.cache import StreamedFeatures
-from pipeline.heads.registry import HEADS, check_grid, check_head, check_train_labels
+from pipeline.heads.registry import KINDS, check_grid, check_kind, check_train_labels
 
 
 def _whole(value, lo: int) -> bool:
@@ -64,8 +64,8 @@ class StreamingHead(ClassifierMixin, BaseEstimator):
     """A linear head learned by averaged SGD over a streamed cache, C chosen on a hold-out.
 
     Args:
-        name: a head of the registry (``logreg`` or ``svm``); its ``streaming_loss`` is used.
-        C: a number or a list of candidates, as ``heads.<name>.C``.
+        name: a kind of head (``logreg`` or ``svm``, :data:`~pipeline.heads.registry.KINDS`); its ``streaming_loss`` is used.
+        C: a number or a list of candidates, as a head's ``C``.
         epochs: passes over the train rows per fit.
         seed: the hold-out and the order of the batches.
         val_fraction: share of each class's train rows held out to choose C
@@ -97,7 +97,7 @@ class StreamingHead(ClassifierMixin, BaseEstimator):
         Raises:
             PipelineError: bad settings, no train rows, a class without train rows.
         """
-        check_head(self.name)
+        check_kind(self.name)
         grid = check_grid(self.name, self.C)
         if not _whole(self.epochs, 1):
             raise PipelineError(f"heads.epochs must be a positive integer, found {self.epochs!r}")
@@ -119,7 +119,7 @@ class StreamingHead(ClassifierMixin, BaseEstimator):
 
         def fit(Cs, use):
             n = int(use.sum())
-            clfs = [_sgd(HEADS[self.name].streaming_loss, 1.0 / (c * n), eta0, self.seed) for c in Cs]
+            clfs = [_sgd(KINDS[self.name].streaming_loss, 1.0 / (c * n), eta0, self.seed) for c in Cs]
             for _ in range(self.epochs):
                 for X, y_ in _batches(fs, use, rng, self.pieces):
                     X = scaler.transform(X)

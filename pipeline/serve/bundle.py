@@ -36,12 +36,8 @@ from pipeline.extract.cache import check_provenance
 from pipeline.finetune.checkpoint import load_finetuned
 from pipeline.finetune.network import FineTuneNet
 from pipeline.heads.model import head_path, load_head, scores, to_torch_linear
-from pipeline.heads.registry import HEADS
 
 FINETUNE = "finetune"
-
-#: Every model name a bundle can be loaded by: the registry's heads, then the fine-tuned network.
-MODELS = (*HEADS, FINETUNE)
 
 #: The provenance a backbone gives (:meth:`Backbone.provenance`).
 BACKBONE_KEYS = ("backbone", "weights", "weights_sha256", "transform")
@@ -137,6 +133,12 @@ class HeadBundle(Bundle):
         """The backbone the head's features came from, loaded on first use and checked."""
         if self._backbone is None:
             recorded = self.provenance
+            if recorded.get("decoder") == "pillow":
+                # Scoring decodes every photo exactly; these features saw reduced-scale JPEG decoding.
+                raise PipelineError(
+                    f"head {self.path} was trained on features made with decoder='pillow' (reduced-scale JPEG "
+                    "decoding) but scoring decodes with 'pillow-exact'; set extract.decoder: auto or "
+                    "pillow-exact and run dvc repro")
             # backbone.input_size, where the model recorded one (its transform records the crop either way).
             input_size = int(recorded.get("input_size", 0))
             weights = _weights_argument(recorded["backbone"], recorded["weights"], input_size, self.path.parent.parent)
@@ -213,11 +215,20 @@ def _weights_argument(name: str, recorded: str, input_size: int, project: Path) 
     return recorded
 
 
+def model_names(models_dir) -> list[str]:
+    """The models saved in ``models_dir``: its heads (``<head>.joblib``), then ``finetune`` if there."""
+    models_dir = Path(models_dir)
+    heads = sorted(p.stem for p in models_dir.glob("*.joblib"))
+    return heads + ([FINETUNE] if (models_dir / f"{FINETUNE}.pt").is_file() else [])
+
+
 def model_path(models_dir, name: str) -> Path:
     """``models/<head>.joblib`` or ``models/finetune.pt``."""
-    if name not in MODELS:
-        raise PipelineError(f"unknown model '{name}'; accepted: {', '.join(MODELS)}")
-    return (Path(models_dir) / f"{FINETUNE}.pt") if name == FINETUNE else head_path(models_dir, name)
+    path = (Path(models_dir) / f"{FINETUNE}.pt") if name == FINETUNE else head_path(models_dir, name)
+    if not path.is_file():
+        found = ", ".join(model_names(models_dir)) or "none: run dvc repro"
+        raise PipelineError(f"no model '{name}' ({path} not found); saved in {models_dir}: {found}")
+    return path
 
 
 def load_bundle(path, name: str | None = None, expected: dict | None = None) -> Bundle:
@@ -243,6 +254,6 @@ def load_bundle(path, name: str | None = None, expected: dict | None = None) -> 
         name = path.stem
     if name == FINETUNE:
         return FinetunedBundle(path, expected)
-    if name not in HEADS:
-        raise PipelineError(f"unknown model '{name}' ({path}); accepted: {', '.join(MODELS)}")
+    if path.suffix != ".joblib":
+        raise PipelineError(f"{path} is not a model of this project: models/<head>.joblib or models/finetune.pt")
     return HeadBundle(name, path, load_head(path, expected))

@@ -1,9 +1,9 @@
 """``python -m pipeline predict``: apply a trained model to new photos.
 
 The model is one of the project's bundles (:mod:`pipeline.serve.bundle`):
-``logreg`` or ``svm`` (a head on its backbone), or ``finetune`` (the
-fine-tuned network); by default the best by test accuracy in
-``reports/metrics.json``. The bundle says which backbone and preprocessing it
+a head of ``heads.train`` (``logreg``, ``svm``, ...: a head on its
+backbone), or ``finetune`` (the fine-tuned network); by default the best by
+test accuracy in ``reports/metrics_<head>.json`` and ``finetune_metrics.json``. The bundle says which backbone and preprocessing it
 needs, so params.yaml is not read. Files that cannot be read are listed with
 the reason and do not stop the others.
 
@@ -25,7 +25,7 @@ from pipeline.data.images import IMAGE_EXTENSIONS
 from pipeline.data.manifest import Row
 from pipeline.errors import PipelineError
 from pipeline.runtime import resolve_device
-from pipeline.serve.bundle import MODELS, Bundle, load_bundle
+from pipeline.serve.bundle import FINETUNE, Bundle, load_bundle, model_names
 
 
 def collect(paths) -> tuple[list[Path], list[dict]]:
@@ -51,24 +51,22 @@ def collect(paths) -> tuple[list[Path], list[dict]]:
 
 
 def best_model(project: Path) -> str:
-    """The model with the highest test accuracy in ``reports/metrics.json`` and ``finetune_metrics.json``."""
-    path = project / "reports" / "metrics.json"
-    if not path.is_file():
-        raise PipelineError(
-            f"{path} not found, so there is no best model to pick; run dvc repro, or choose one with "
-            f"--model {'|'.join(MODELS)}"
-        )
-    try:
-        metrics = json.loads(path.read_text(encoding="utf-8"))
-        # The finetune stage scores its network into a file of its own (heads never wait for it).
-        tuned = path.with_name("finetune_metrics.json")
-        if tuned.is_file():
-            metrics.update(json.loads(tuned.read_text(encoding="utf-8")))
-        ranked = {name: float(metrics[name]["accuracy"]) for name in MODELS if name in metrics}
-    except (ValueError, KeyError, TypeError) as e:
-        raise PipelineError(f"{path} is not the evaluate stage's metrics file ({e}); run dvc repro") from None
+    """The saved model with the highest test accuracy in ``reports/metrics_<head>.json`` and ``finetune_metrics.json``."""
+    reports, names = project / "reports", model_names(project / "models")
+    ranked = {}
+    for name in names:
+        path = reports / (f"{FINETUNE}_metrics.json" if name == FINETUNE else f"metrics_{name}.json")
+        if not path.is_file():
+            continue
+        try:
+            ranked[name] = float(json.loads(path.read_text(encoding="utf-8"))[name]["accuracy"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise PipelineError(f"{path} is not an evaluation report ({e}); run dvc repro") from None
     if not ranked:
-        raise PipelineError(f"{path} names none of {', '.join(MODELS)}; run dvc repro, or choose one with --model")
+        raise PipelineError(
+            f"no test metrics in {reports} for the models in {project / 'models'} ({', '.join(names) or 'none'}), "
+            "so there is no best model to pick; run dvc repro, or choose one with --model"
+        )
     # max keeps the first of equals: a head (cheaper, and logreg gives probabilities) before finetune.
     return max(ranked, key=ranked.get)
 
@@ -102,8 +100,8 @@ def run_predict(
 
     Args:
         paths: image files and folders (searched recursively).
-        model: ``logreg``, ``svm``, ``finetune`` or None for the best in
-            ``reports/metrics.json``.
+        model: a head's name (``logreg``, ``svm``, ...), ``finetune``, or None
+            for the best by test accuracy (:func:`best_model`).
         as_json: one JSON document on ``out`` instead of lines.
         project: the folder holding models/ and reports/.
 
