@@ -179,6 +179,34 @@ def test_no_import_cycles():
             visit(node, [])
 
 
+# ------------------------------------------------------------------ what stages import
+
+
+def test_accepted_values_in_config_match_their_implementations():
+    from pipeline import config
+    from pipeline.visualize import optvis
+
+    assert set(config.PARAMETERISATIONS) == set(optvis.PARAMETERISATIONS)
+
+
+@pytest.mark.parametrize("stage,unneeded", [
+    # The extract stage's start-up counts against its first batch; scikit-learn
+    # and SciPy cost about a second of it and it needs neither.
+    ("stages.extract", ("sklearn", "scipy")),
+    # A new C re-runs these two: torch, timm and torchvision would cost them
+    # about four seconds each, and a head on cached features needs none.
+    ("stages.train_heads", ("torch", "timm", "torchvision")),
+    ("stages.evaluate", ("torch", "timm", "torchvision")),
+])
+def test_stages_start_without_what_they_do_not_use(stage, unneeded):
+    import subprocess
+    import sys
+
+    code = f"import sys, {stage}; print(sorted(m for m in {unneeded!r} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
 # ------------------------------------------------------------------ params
 
 
