@@ -5,11 +5,11 @@ DVC project holding this pipeline:
 
 1. the first full ``dvc repro`` on the photo folder (every stage, with the
    feature store empty);
-2. ``heads.logreg.C`` edited, then a plain ``dvc repro``.
+2. ``heads.train.logreg.C`` edited, then a plain ``dvc repro``.
 
 It prints which stages each run ran, their wall times, and the ratio: the
 edit should cost a small share of the first run (only ``train_heads@logreg``
-and ``evaluate`` re-run; ``prepare`` always re-scans the folder).
+and ``evaluate@logreg`` re-run; ``prepare`` always re-scans the folder).
 
 Example:
     python -m pipeline.bench_repro --folder ../shared/data/catsdogs --set visualize.steps=64
@@ -82,7 +82,7 @@ def main(argv=None) -> None:
     ap.add_argument("--backbone", default="efficientnet_lite0")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="more params.yaml settings for both runs (YAML values), e.g. visualize.steps=64")
-    ap.add_argument("--C", type=float, default=0.5, help="the new heads.logreg.C")
+    ap.add_argument("--C", type=float, default=0.5, help="the new heads.train.logreg.C")
     ap.add_argument("--keep", type=Path, help="build the project here and keep it (default: a temporary folder)")
     args = ap.parse_args(argv)
     overrides = {"data.source": "folder", "data.folder": str(args.folder.resolve()),
@@ -99,10 +99,10 @@ def main(argv=None) -> None:
         print(f"first dvc repro: {first:.1f} s, ran {', '.join(ran_first)}", flush=True)
         _commit(path, "first run")
         params = yaml.safe_load((path / "params.yaml").read_text())
-        _set(params, "heads.logreg.C", [args.C])
+        _set(params, "heads.train.logreg.C", [args.C])
         (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         edit, ran_edit = timed_repro(path)
-        print(f"after heads.logreg.C: [{args.C}]: {edit:.1f} s, ran {', '.join(ran_edit)}")
+        print(f"after heads.train.logreg.C: [{args.C}]: {edit:.1f} s, ran {', '.join(ran_edit)}")
         print(f"ratio: {edit / first:.1%} of the first run")
         print(json.dumps({"first_seconds": round(first, 1), "edit_seconds": round(edit, 1),
                           "ratio": round(edit / first, 4), "ran_first": ran_first, "ran_edit": ran_edit}))
