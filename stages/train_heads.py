@@ -1,4 +1,4 @@
-"""Stage train_heads@<head>: one head of heads.train on the cached features (``python -m stages.train_heads logreg``)."""
+"""Stage train_heads@<head>: one head of heads.train on the cached features (``-m stages.train_heads logreg``)."""
 
 import sys
 

@@ -64,7 +64,8 @@ class StreamingHead(ClassifierMixin, BaseEstimator):
     """A linear head learned by averaged SGD over a streamed cache, C chosen on a hold-out.
 
     Args:
-        name: a kind of head (``logreg`` or ``svm``, :data:`~pipeline.heads.registry.KINDS`); its ``streaming_loss`` is used.
+        name: a kind of head (``logreg`` or ``svm``, :data:`~pipeline.heads.registry.KINDS`);
+            its ``streaming_loss`` is used.
         C: a number or a list of candidates, as a head's ``C``.
         epochs: passes over the train rows per fit.
         seed: the hold-out and the order of the batches.

@@ -3,8 +3,9 @@
 The model is one of the project's bundles (:mod:`pipeline.serve.bundle`):
 a head of ``heads.train`` (``logreg``, ``svm``, ...: a head on its
 backbone), or ``finetune`` (the fine-tuned network); by default the best by
-test accuracy in ``reports/metrics_<head>.json`` and ``finetune_metrics.json``. The bundle says which backbone and preprocessing it
-needs, so params.yaml is not read. Files that cannot be read are listed with
+test accuracy in ``reports/metrics_<head>.json`` and ``finetune_metrics.json``.
+The bundle says which backbone and preprocessing it needs, so params.yaml is
+not read. Files that cannot be read are listed with
 the reason and do not stop the others.
 
 Example:
@@ -51,7 +52,7 @@ def collect(paths) -> tuple[list[Path], list[dict]]:
 
 
 def best_model(project: Path) -> str:
-    """The saved model with the highest test accuracy in ``reports/metrics_<head>.json`` and ``finetune_metrics.json``."""
+    """The saved model with the best test accuracy (``reports/metrics_<head>.json``, ``finetune_metrics.json``)."""
     reports, names = project / "reports", model_names(project / "models")
     ranked = {}
     for name in names:
