@@ -10,6 +10,7 @@ import urllib.error
 import pytest
 import torch
 import torch.hub
+from conftest import import_or_skip
 
 from pipeline.backbones import REGISTRY, load_backbone
 from pipeline.errors import PipelineError
@@ -39,7 +40,7 @@ def test_first_ten_names_split_into_features_and_imagenet_classifier(name):
 
 
 def test_efficientnet_lite0_weights_are_imagenet_ones():
-    skimage_data = pytest.importorskip("skimage.data")
+    skimage_data = import_or_skip("skimage.data", "scikit-image is not installed: pip install -e '.[test]'")
     from PIL import Image
 
     bb = load_backbone("efficientnet_lite0")

@@ -117,12 +117,11 @@ def test_swag_weights_build_the_network_at_their_image_size():
 
 
 @pytest.fixture(scope="module")
-def photo(request):
-    from tests.conftest import sample_folder
-
-    return Image.open(sorted((sample_folder("catsdogs") / "dog").iterdir())[0]).convert("RGB")
+def photo(catsdogs):
+    return Image.open(sorted((catsdogs / "dog").iterdir())[0]).convert("RGB")
 
 
+@pytest.mark.sample_data
 @pytest.mark.parametrize("name, weights", [
     ("resnet50", "IMAGENET1K_V1"),
     ("resnet50", "IMAGENET1K_V2"),
@@ -138,6 +137,7 @@ def test_torchvision_transform_is_what_the_weights_report(name, weights, photo):
     torch.testing.assert_close(spec.build()(photo), t(photo), rtol=1e-6, atol=1e-5)
 
 
+@pytest.mark.sample_data
 @pytest.mark.parametrize("name, input_size", [
     ("timm/convnext_tiny.fb_in22k_ft_in1k", 0),
     ("timm/vit_small_patch14_dinov2.lvd142m", 0),

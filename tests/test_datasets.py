@@ -426,9 +426,8 @@ def test_cats_vs_dogs(petimages_site, tmp_path):
     assert rejected(out) == {
         "Cat/666.jpg": "empty file (0 bytes)",
         "Cat/Thumbs.db": "not an image file (extension .db)",
-        "Dog/11702.jpg": rejected(out)["Dog/11702.jpg"],
+        "Dog/11702.jpg": "corrupt image (truncated image data)",
     }
-    assert rejected(out)["Dog/11702.jpg"].startswith("corrupt image")
 
 
 def test_cats_vs_dogs_pinned_sha256(petimages_site, tmp_path):

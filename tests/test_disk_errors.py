@@ -1,7 +1,7 @@
 """Disk full and read-only output folders: one clear line naming the path.
 
 These tests mount small tmpfs file systems, which needs root (CI runs as root);
-elsewhere they skip and say why.
+elsewhere they skip and say why (and fail under TL_NO_SKIP=1, as .ci/run sets).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import subprocess
 
 import numpy as np
 import pytest
+from conftest import skip_or_fail
 from PIL import Image
 
 from pipeline.backbones import load_backbone
@@ -31,7 +32,7 @@ def mount(tmp_path):
         target.mkdir()
         res = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(target)], capture_output=True)
         if res.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here (needs root): {res.stderr.decode().strip()}")
+            skip_or_fail(f"cannot mount a tmpfs here (needs root): {res.stderr.decode().strip()}")
         mounted.append(target)
         return target
 

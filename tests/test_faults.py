@@ -37,8 +37,7 @@ from pipeline.data.sources import CHECK_SIZE, prepare
 from pipeline.errors import BadImage
 from pipeline.data.images import load_rgb
 
-# "faults" is registered in pyproject.toml; on a checkout where it is not yet,
-# pytest only warns about an unknown marker.
+# "faults" is registered in pyproject.toml (markers are strict there).
 pytestmark = pytest.mark.faults
 
 T = Image.Transpose
@@ -597,6 +596,7 @@ def messy(tmp_path, catsdogs):
     return root, good, bad
 
 
+@pytest.mark.sample_data
 def test_messy_folder_every_file_decodes_or_is_refused_the_same_way(messy):
     """Each odd or broken file of the folder, through load_rgb three ways."""
     root, good, bad = messy
@@ -614,6 +614,7 @@ def test_messy_folder_every_file_decodes_or_is_refused_the_same_way(messy):
         assert all(isinstance(r, str) and _matches(r, expected) for r in results), (rel, results)
 
 
+@pytest.mark.sample_data
 def test_prepare_over_messy_folder(messy, tmp_path, capsys):
     root, good, bad = messy
     before = _tree(root)
@@ -637,17 +638,22 @@ def test_prepare_over_messy_folder(messy, tmp_path, capsys):
     assert _tree(root) == before  # nothing in the user's folder changed
 
 
+@pytest.mark.sample_data
 def test_split_ignores_rejected_files(messy, tmp_path, catsdogs):
     """The same usable files give the same split, whatever junk lies beside them."""
-    root, _, _ = messy
+    root, good, bad = messy
     clean = tmp_path / "clean"
     build_folder(clean, catsdogs, bad=False)
     prepare(source="folder", folder=str(root), out_dir=tmp_path / "a")
     prepare(source="folder", folder=str(clean), out_dir=tmp_path / "b")
     a, b = _manifest(tmp_path / "a"), _manifest(tmp_path / "b")
     assert [(r["path"], r["split"]) for r in a] == [(r["path"], r["split"]) for r in b]
-    assert (tmp_path / "a/manifest.csv").read_bytes() != b""  # and not trivially
+    # ... and not trivially: the junk was there and refused, every usable file is
+    # listed, and each class is split (an empty manifest, or all-train, is equal too).
+    assert len(json.loads((tmp_path / "a/rejected.json").read_text())) == len(bad) > 0
     assert json.loads((tmp_path / "b/rejected.json").read_text()) == []
+    assert sorted(r["path"] for r in a) == sorted(good)
+    assert {(r["label"], r["split"]) for r in a} == {(c, s) for c in ("cat", "dog") for s in ("train", "test")}
 
 
 # --------------------------------------------------------------------------- (c) dvc repro
@@ -682,7 +688,8 @@ def test_repro_over_messy_folder_equals_clean_folder(project, tmp_path, catsdogs
         assert "extract: skipped" not in out  # prepare let through only what extract can read
         feats = _features(root / "data/features/efficientnet_lite0.h5")
         assert feats.keys() == good.keys()
-        runs[name] = (json.loads((root / "reports/metrics.json").read_text()), feats,
+        metrics = {h: json.loads((root / f"reports/metrics_{h}.json").read_text())[h] for h in ("logreg", "svm")}
+        runs[name] = (metrics, feats,
                       (root / "data/prepared/manifest.csv").read_bytes())
 
     (metrics, feats, manifest), (clean_metrics, clean_feats, clean_manifest) = \

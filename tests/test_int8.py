@@ -12,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import import_or_skip
 
 from pipeline.config import ExtractConfig, FinetuneConfig, VisualizeConfig
 from pipeline.errors import PipelineError
@@ -22,7 +23,7 @@ from pipeline.runtime import EXTRACT_PRECISIONS, quantize_int8, resolve_precisio
 @pytest.mark.sample_data
 @pytest.mark.parametrize("folder_name", ["catsdogs", "dogbreeds10"])
 def test_int8_heads_agree_with_fp32(tmp_path, folder_name, request):
-    pytest.importorskip("torchao", reason="int8 needs torchao: pip install .[int8]")
+    import_or_skip("torchao", "int8 needs torchao: pip install .[int8]")
     from pipeline.backbones import load_backbone
     from pipeline.data.manifest import read_prepared
     from pipeline.data.sources import prepare
@@ -89,7 +90,7 @@ def test_missing_torchao_names_the_key_and_the_extra(monkeypatch):
 
 
 def test_int8_is_refused_on_ray(tmp_path):
-    pytest.importorskip("ray")
+    import_or_skip("ray", "Ray is not installed: pip install -e '.[ray]'")
     from pipeline.extract.ray_executor import extract_with_ray
 
     with pytest.raises(PipelineError, match="extract.precision: int8 runs on the local engine only"):

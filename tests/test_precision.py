@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline import runtime
 from pipeline.backbones import load_backbone
 from pipeline.data.manifest import read_prepared
 from pipeline.data.sources import prepare
@@ -19,11 +20,10 @@ from pipeline.errors import PipelineError
 from pipeline.extract.cache import open_cache
 from pipeline.extract.local import extract_features
 from pipeline.heads.batch import make_head
-from pipeline.runtime import Precision, resolve_precision
-
-pytestmark = pytest.mark.sample_data
+from pipeline.runtime import Precision, cpu_has_native_bf16, resolve_precision
 
 
+@pytest.mark.sample_data
 @pytest.mark.parametrize("folder_name", ["catsdogs", "dogbreeds10"])
 def test_bf16_rows_match_fp32_and_heads_agree(tmp_path, folder_name, request):
     folder = request.getfixturevalue(folder_name)
@@ -59,12 +59,27 @@ def test_bf16_rows_match_fp32_and_heads_agree(tmp_path, folder_name, request):
     assert len(list((tmp_path / "store").iterdir())) == 2
 
 
+@pytest.mark.parametrize("native, name, reason", [
+    (True, "bf16", "auto: the CPU has native bf16 (avx512_bf16/amx)"),
+    (False, "fp32", "auto: the CPU has no native bf16"),
+])
+def test_auto_precision_on_a_cpu_follows_the_bf16_probe(monkeypatch, native, name, reason):
+    """Whatever this machine's CPU: the probe is set both ways, the policy's answer and reason checked."""
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: native)
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu, "extract.precision") == Precision(name, reason)
+    # An explicit setting is never second-guessed by the probe.
+    for setting in ("fp32", "bf16"):
+        expected = Precision(setting, f"finetune.precision: {setting}")
+        assert resolve_precision(setting, cpu, "finetune.precision") == expected
+
+
 def test_precision_policy():
     cpu = torch.device("cpu")
     assert resolve_precision("fp32", cpu, "extract.precision") == Precision("fp32", "extract.precision: fp32")
-    auto = resolve_precision("auto", cpu, "extract.precision")
-    flags = open("/proc/cpuinfo").read().split()
-    native = "avx512_bf16" in flags or "amx_bf16" in flags
-    assert auto.name == ("bf16" if native else "fp32") and auto.reason.startswith("auto: ")
+    # CUDA is decided by the device's kind alone: no GPU is needed to ask.
+    cuda = torch.device("cuda")
+    assert resolve_precision("auto", cuda, "extract.precision") == Precision("bf16", "auto: CUDA device")
+    assert isinstance(cpu_has_native_bf16(), bool)  # this machine's answer; the policy is checked above
     with pytest.raises(PipelineError, match="unknown finetune.precision 'fp16'; accepted: auto, fp32, bf16"):
         resolve_precision("fp16", cpu, "finetune.precision")

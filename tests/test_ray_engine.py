@@ -7,12 +7,10 @@ import time
 import h5py
 import numpy as np
 import pytest
+from conftest import import_or_skip
 
-pytest.importorskip(
-    "ray.data", reason="Ray is not installed: pip install -e '.[ray]' (CI installs it, so these tests run there)"
-)
+import_or_skip("ray.data", "Ray is not installed: pip install -e '.[ray]' (CI installs it, so these tests run there)")
 
-from conftest import sample_folder  # noqa: E402
 from pipeline.backbones import load_backbone  # noqa: E402
 from pipeline.config import parse_config  # noqa: E402
 from pipeline.data.manifest import Row, read_prepared  # noqa: E402
@@ -32,13 +30,13 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
 @pytest.fixture(scope="module")
-def both(tmp_path_factory):
+def both(tmp_path_factory, catsdogs):
     """All 240 catsdogs photos through both engines (Ray: a local instance with 2 CPUs, 2 actors).
 
     One extra manifest row names a real photo with a wrong content hash: both
     engines must skip it, with the same reason, and keep the rest in order.
     """
-    folder = sample_folder("catsdogs")
+    folder = catsdogs
     work = tmp_path_factory.mktemp("ray")
     prepare(source="folder", folder=folder, out_dir=work / "prepared")
     p = read_prepared(work / "prepared")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -9,6 +11,32 @@ from torch import nn
 from pipeline import runtime
 from pipeline.errors import PipelineError
 from pipeline.runtime import Runner, resolve_device
+
+
+@pytest.fixture(autouse=True)
+def environment_as_found():
+    """Every test here leaves os.environ exactly as it found it (the code under test sets variables itself)."""
+    before = _environment()
+    yield
+    changed = _changes(before)
+    for k, (was, _) in changed.items():  # never leak into later tests, even when failing here
+        if was is None:
+            del os.environ[k]
+        else:
+            os.environ[k] = was
+    assert not changed, f"os.environ left changed (before, after): {changed}"
+
+
+def _environment() -> dict:
+    env = dict(os.environ)
+    env.pop("PYTEST_CURRENT_TEST", None)  # pytest's own, changes from setup to teardown
+    return env
+
+
+def _changes(before: dict) -> dict:
+    """The variables that differ from ``before``: name -> (before, now), None for absent."""
+    now = _environment()
+    return {k: (before.get(k), now.get(k)) for k in sorted(before.keys() | now.keys()) if before.get(k) != now.get(k)}
 
 
 def _net():
@@ -43,13 +71,25 @@ def test_compile_auto_compiles_only_when_it_saves_more_than_it_costs(tmp_path, m
     assert few.mode == "eager"
 
 
-def test_compile_cache_folder_is_used_and_reported_warm(tmp_path, monkeypatch):
-    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
-    folder = runtime.use_compile_cache(tmp_path / "inductor")
-    assert folder == (tmp_path / "inductor").resolve() and folder.is_dir()
-    assert not runtime.compile_cache_warm()
-    (folder / "fxgraph" / "ab").mkdir(parents=True)
-    (folder / "fxgraph" / "ab" / "entry").write_bytes(b"x")
-    assert runtime.compile_cache_warm()
-    # Another process's cache, named by its folder (the whole-process bench asks so).
-    assert runtime.compile_cache_warm(folder) and not runtime.compile_cache_warm(tmp_path / "other")
+@pytest.mark.parametrize("users", [False, True], ids=["unset", "set-by-the-user"])
+def test_compile_cache_folder_is_used_and_reported_warm(tmp_path, users):
+    before = _environment()
+    user_folder = tmp_path / "users-inductor"
+    with pytest.MonkeyPatch.context() as mp:
+        # use_compile_cache sets the variable in os.environ itself. setenv first records
+        # the variable as it was, so the undo restores it, absent or not (a delenv of an
+        # absent variable records nothing, and the value set below would leak).
+        mp.setenv("TORCHINDUCTOR_CACHE_DIR", str(user_folder))
+        if not users:
+            mp.delenv("TORCHINDUCTOR_CACHE_DIR")
+        folder = runtime.use_compile_cache(tmp_path / "inductor")
+        # The project's folder, unless the user named one: theirs wins.
+        assert folder == (user_folder if users else (tmp_path / "inductor").resolve()) and folder.is_dir()
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(folder)  # where torch.compile looks
+        assert not runtime.compile_cache_warm()
+        (folder / "fxgraph" / "ab").mkdir(parents=True)
+        (folder / "fxgraph" / "ab" / "entry").write_bytes(b"x")
+        assert runtime.compile_cache_warm()
+        # Another process's cache, named by its folder (the whole-process bench asks so).
+        assert runtime.compile_cache_warm(folder) and not runtime.compile_cache_warm(tmp_path / "other")
+    assert _changes(before) == {}  # restored exactly, whatever it held before

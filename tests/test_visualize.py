@@ -79,11 +79,11 @@ def _build(root: Path, photos: Path, backbone: str) -> Path:
         "data": {"source": "folder", "folder": str(photos), "test_fraction": 0.25, "seed": 0},
         "backbone": {"name": backbone, "weights": "DEFAULT"},
         "extract": {"batch_size": 16, "device": "cpu", "precision": "fp32", "store": ""},
-        "heads": {"cv_folds": 2, "logreg": {"C": [0.1]}},
+        "heads": {"cv_folds": 2, "train": {"logreg": {"C": [0.1]}}},
     }
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    for stage in (["prepare"], ["extract"], ["train_heads", "logreg"]):
+    for stage in (["prepare"], ["extract"], ["extract", "--extra"], ["train_heads", "logreg"]):
         subprocess.run([sys.executable, "-m", f"stages.{stage[0]}", *stage[1:]], cwd=root, env=env, check=True,
                        capture_output=True)
     return root
@@ -241,6 +241,7 @@ def test_settings_are_checked():
             VisualizeConfig.from_mapping(given, "visualize")
 
 
+@pytest.mark.sample_data
 def test_load_pixels_checks_the_content_hash(catsdogs, tmp_path, lite0, capsys):
     """A photo that changed since prepare listed it is skipped, not silently used."""
     cat, dog = sorted((catsdogs / "cat").iterdir())[0], sorted((catsdogs / "dog").iterdir())[0]
