@@ -187,6 +187,15 @@ def test_accepted_values_in_config_match_their_implementations():
     from pipeline.visualize import optvis
 
     assert set(config.PARAMETERISATIONS) == set(optvis.PARAMETERISATIONS)
+    from pipeline.extract.stage import ENGINES
+
+    assert set(config.ENGINES) == set(ENGINES)
+
+
+def test_the_ray_executor_imports_nothing_of_the_local_one():
+    """Both executors share the store and its writer (extract/store.py), not each other."""
+    assert Path("pipeline/extract/local.py") not in closure("pipeline.extract.ray_executor")
+    assert Path("pipeline/extract/ray_executor.py") not in closure("pipeline.extract.local")
 
 
 @pytest.mark.parametrize("stage,unneeded", [

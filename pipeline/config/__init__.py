@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.config import reads
-from pipeline.config.checks import DECODERS, HEAD_KINDS, PARAMETERISATIONS, SOURCES, Section, check_split_params
+from pipeline.config.checks import DECODERS, ENGINES, HEAD_KINDS, PARAMETERISATIONS, SOURCES, Section, check_split_params
 from pipeline.config.sections import (
     UNFREEZE, AttackConfig, BackboneConfig, DataConfig, EvaluateConfig, ExtractConfig, FeatureMapsConfig,
     FinetuneConfig, HeadConfig, HeadsConfig, RayConfig, VisualizeConfig,
@@ -29,7 +29,7 @@ from pipeline.config.sections import (
 from pipeline.errors import PipelineError
 
 __all__ = [
-    "DECODERS", "HEAD_KINDS", "PARAMETERISATIONS", "SOURCES", "UNFREEZE", "AttackConfig", "BackboneConfig", "Config",
+    "DECODERS", "ENGINES", "HEAD_KINDS", "PARAMETERISATIONS", "SOURCES", "UNFREEZE", "AttackConfig", "BackboneConfig", "Config",
     "DataConfig", "EvaluateConfig", "ExtractConfig", "FeatureMapsConfig", "FinetuneConfig", "HeadConfig",
     "HeadsConfig", "RayConfig", "Section", "VisualizeConfig", "check_split_params", "load_config",
     "parse_config",

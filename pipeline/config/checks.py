@@ -18,6 +18,7 @@ from pipeline.errors import PipelineError
 # with the checks, so that reading params.yaml depends on no stage's code
 # (a test checks each tuple against the module that implements it).
 SOURCES = ("cats-vs-dogs", "folder", "oxford-iiit-pet")  # pipeline.data.sources
+ENGINES = ("local", "ray")  # pipeline.extract.stage.ENGINES
 DECODERS = ("auto", "pillow", "pillow-exact", "torchvision")  # pipeline.extract.decode
 PARAMETERISATIONS = ("fourier", "pixel")  # pipeline.visualize.optvis
 MODEL_SUFFIXES = (".pt", ".joblib")  # pipeline.serve.bundle: the fine-tuned network, a head

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.config.checks import (
-    DECODERS, EXTRACT_PRECISIONS, HEAD_KINDS, MODEL_SUFFIXES, PARAMETERISATIONS, SOURCES, Section, _bad, _choice,
+    DECODERS, ENGINES, EXTRACT_PRECISIONS, HEAD_KINDS, MODEL_SUFFIXES, PARAMETERISATIONS, SOURCES, Section, _bad, _choice,
     _device, _int, _is_int, _is_num, _num, check_precision, check_split_params, runtime,
 )
 from pipeline.config.reads import Recorded
@@ -88,7 +88,7 @@ class ExtractConfig(Section):
         _int("extract", "decode_threads", self.decode_threads, lo=1)
         _choice("extract", "compile", self.compile, ("auto", True, False))
         _int("extract", "flush_every", self.flush_every, lo=1)
-        _choice("extract", "engine", self.engine, ("local", "ray"))
+        _choice("extract", "engine", self.engine, ENGINES)
 
 
 @dataclass(frozen=True)

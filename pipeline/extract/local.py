@@ -15,10 +15,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipeline.backbones import Backbone
-from pipeline.data.manifest import Row
+from pipeline.backbones import Backbone, get_spec, load_backbone
+from pipeline.data.manifest import Prepared, Row
 from pipeline.extract import decode
-from pipeline.extract.cache import CacheWriter, cache_attrs, check_free_space
+from pipeline.extract.cache import cache_attrs
 from pipeline.extract.compute import (
     ExtractResult,
     Timing,
@@ -28,8 +28,8 @@ from pipeline.extract.compute import (
     good_rows,
     run_batches,
 )
-from pipeline.extract.store import FeatureStore
-from pipeline.fileio import atomic_path, remove_stale_temporaries
+from pipeline.extract.store import FeatureStore, store_key, write_from_store
+from pipeline.fileio import remove_stale_temporaries
 from pipeline.runtime import (
     EXTRACT_PRECISIONS,
     Precision,
@@ -38,16 +38,6 @@ from pipeline.runtime import (
     resolve_device,
     resolve_precision,
 )
-
-
-def store_key(backbone: Backbone, decoder: str, precision: Precision, calibration: str = "") -> dict:
-    """Everything besides the pixels that determines a feature row.
-
-    ``calibration``: for int8, :func:`~pipeline.extract.compute.calibration_id`
-    (the photos that set the quantization ranges change every row).
-    """
-    key = dict(backbone.provenance(), decoder=decoder, precision=precision.name)
-    return dict(key, calibration=calibration) if calibration else key
 
 
 def extract_features(
@@ -186,15 +176,27 @@ def _compute(runner: Runner, backbone: Backbone, todo: list[Row], store: Feature
     return runner.mode
 
 
-def write_from_store(out_path: Path, rows: list[Row], store: FeatureStore, dim: int, attrs: dict,
-                     block: int = 1024) -> None:
-    """Write the cache file of ``rows`` from the store, in their order, atomically."""
-    check_free_space(out_path, len(rows), dim)
-    read = store.reader()
-    with atomic_path(out_path, suffix=".h5") as tmp:
-        with CacheWriter(tmp, dim, attrs) as w:
-            for s in range(0, len(rows), block):
-                part = rows[s : s + block]
-                w.append(read.stack(part), part)
+def run_stage(backbone, extract, prepared: Prepared, out: Path) -> ExtractResult:
+    """The extract stage on this machine (``extract.engine: local``).
 
-
+    The first batches decode while the network loads (and, for int8, is
+    quantized): the transform is known from the registry without building it.
+    """
+    e = extract
+    dev = resolve_device(e.device, "extract.device")
+    prec = resolve_precision(e.precision, dev, "extract.precision", EXTRACT_PRECISIONS)
+    decoder = decode.resolve_decoder(e.decoder, dev)
+    spec = get_spec(backbone.name).transform_for(backbone.weights, backbone.input_size)
+    early = decode.batches(decoder, prepared.root, prepared.rows, spec, e.batch_size, e.decode_threads, dev)
+    try:
+        bb = load_backbone(backbone.name, backbone.weights, backbone.input_size)
+    except BaseException:
+        early.close()
+        raise
+    print(f"extract: {len(prepared.rows)} images through {backbone.name} ({bb.weights}) on {dev}, "
+          f"{prec.name} ({prec.reason}), batch {e.batch_size}, decoder {decoder} -> {out}", flush=True)
+    return extract_features(
+        bb, root=prepared.root, rows=prepared.rows, classes=prepared.classes, out_path=out,
+        batch_size=e.batch_size, device=str(dev), precision=e.precision, decode_threads=e.decode_threads,
+        decoder=e.decoder, compile=e.compile, store_dir=e.store or None, flush_every=e.flush_every, early=early,
+    )

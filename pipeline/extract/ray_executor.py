@@ -8,7 +8,7 @@ The driver (where ``dvc repro`` runs) receives the actors' rows through Ray
 Data's streaming executor and adds them to the per-image store, never holding
 more than a few batches; the cache file is then written from the store in
 manifest order by the same writer as the local engine's
-(:func:`~pipeline.extract.local.write_from_store`). So no shared writable file
+(:func:`~pipeline.extract.store.write_from_store`). So no shared writable file
 system is needed, DVC finds the output in its own workspace, and both engines
 give the same file. The images must be reachable at the manifest's root on
 every node (a shared mount), as must the weights.
@@ -33,8 +33,7 @@ from pipeline.errors import PipelineError
 from pipeline.extract import decode
 from pipeline.extract.cache import cache_attrs
 from pipeline.extract.compute import ExtractResult, Timing, run_batches
-from pipeline.extract.local import store_key, write_from_store
-from pipeline.extract.store import FeatureStore
+from pipeline.extract.store import FeatureStore, store_key, write_from_store
 from pipeline.fileio import remove_stale_temporaries
 from pipeline.runtime import Runner, resolve_precision
 
@@ -283,3 +282,17 @@ def _pipeline_error_in(e: BaseException) -> PipelineError | None:
             return cause
         e = e.__cause__ or e.__context__
     return None
+
+
+def run_stage(backbone, extract, prepared, out: Path) -> ExtractResult:
+    """The extract stage on a Ray cluster (``extract.engine: ray``, settings under ``extract.ray``)."""
+    e, r = extract, extract.ray
+    print(f"extract: {len(prepared.rows)} images through {backbone.name} on Ray "
+          f"({r.address or 'local instance'}, {r.concurrency} actors) -> {out}", flush=True)
+    return extract_with_ray(
+        backbone_name=backbone.name, weights=backbone.weights, input_size=backbone.input_size,
+        root=prepared.root, rows=prepared.rows, classes=prepared.classes, out_path=out, store_dir=e.store or None,
+        address=r.address, num_gpus_per_worker=r.num_gpus_per_worker, concurrency=r.concurrency,
+        batch_size=e.batch_size, decoder=e.decoder, decode_threads=e.decode_threads, compile=e.compile,
+        precision=e.precision, flush_every=e.flush_every,
+    )

@@ -1,26 +1,22 @@
-"""The ``extract`` stage: manifest in, ``data/features/<backbone>.h5`` out, on either engine."""
+"""The ``extract`` stage: manifest in, ``data/features/<backbone>.h5`` out, on the engine ``extract.engine`` names."""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
-from pipeline.backbones import get_spec, load_backbone
 from pipeline.config import BackboneConfig, ExtractConfig
 from pipeline.data.manifest import read_prepared
-from pipeline.extract import decode
+from pipeline.extract import local, ray_executor
 from pipeline.extract.cache import EXTRA_DIR, features_path, write_extra_index
 from pipeline.extract.compute import ExtractResult
-from pipeline.extract.local import extract_features
-from pipeline.extract.ray_executor import extract_with_ray
 from pipeline.fileio import write_json
-from pipeline.runtime import (
-    EXTRACT_PRECISIONS,
-    process_age,
-    resolve_device,
-    resolve_precision,
-    use_compile_cache,
-)
+from pipeline.runtime import process_age, use_compile_cache
+
+#: ``extract.engine`` -> its executor's entry, ``(backbone, extract, prepared, out) -> ExtractResult``.
+#: An executor feeds the per-image store and writes the cache from it (:mod:`pipeline.extract.store`);
+#: a new one is a module with a ``run_stage`` and a line here (and its name in config's ``ENGINES``).
+ENGINES = {"local": local.run_stage, "ray": ray_executor.run_stage}
 
 
 def run_extract(*, backbone: BackboneConfig, extract: ExtractConfig, prepared_dir="data/prepared",
@@ -35,39 +31,7 @@ def run_extract(*, backbone: BackboneConfig, extract: ExtractConfig, prepared_di
     prepared = read_prepared(prepared_dir)
     out = features_path(out_dir, backbone.name)
     e = extract
-    if e.engine == "ray":
-        r = e.ray
-        print(f"extract: {len(prepared.rows)} images through {backbone.name} on Ray "
-              f"({r.address or 'local instance'}, {r.concurrency} actors) -> {out}", flush=True)
-        res = extract_with_ray(
-            backbone_name=backbone.name, weights=backbone.weights, input_size=backbone.input_size,
-            root=prepared.root, rows=prepared.rows,
-            classes=prepared.classes, out_path=out, store_dir=e.store or None, address=r.address,
-            num_gpus_per_worker=r.num_gpus_per_worker, concurrency=r.concurrency, batch_size=e.batch_size,
-            decoder=e.decoder, decode_threads=e.decode_threads, compile=e.compile, precision=e.precision,
-            flush_every=e.flush_every,
-        )
-    else:
-        dev = resolve_device(e.device, "extract.device")
-        prec = resolve_precision(e.precision, dev, "extract.precision", EXTRACT_PRECISIONS)
-        decoder = decode.resolve_decoder(e.decoder, dev)
-        # The first batches decode while the network loads (and, for int8, is quantized):
-        # the transform is known from the registry without building the network.
-        spec = get_spec(backbone.name).transform_for(backbone.weights, backbone.input_size)
-        early = decode.batches(decoder, prepared.root, prepared.rows, spec, e.batch_size, e.decode_threads, dev)
-        try:
-            bb = load_backbone(backbone.name, backbone.weights, backbone.input_size)
-        except BaseException:
-            early.close()
-            raise
-        print(f"extract: {len(prepared.rows)} images through {backbone.name} ({bb.weights}) on {dev}, "
-              f"{prec.name} ({prec.reason}), batch {e.batch_size}, decoder {decoder} -> {out}", flush=True)
-        res = extract_features(
-            bb, root=prepared.root, rows=prepared.rows, classes=prepared.classes, out_path=out,
-            batch_size=e.batch_size, device=str(dev), precision=e.precision, decode_threads=e.decode_threads,
-            decoder=e.decoder, compile=e.compile, store_dir=e.store or None, flush_every=e.flush_every,
-            early=early,
-        )
+    res = ENGINES[e.engine](backbone, e, prepared, out)
     speed = f" at {res.images_per_second:.1f} images/s ({res.mode})" if res.n_computed else ""
     compiled = f", compile {res.compile_seconds:.1f} s" if res.compile_seconds else ""
     age = process_age()

@@ -9,6 +9,10 @@ finds its rows again, and a killed run resumes from the last flushed shard.
 The store is a folder per configuration, ``<root>/<backbone>-<digest>/``, of
 small HDF5 shards (``sha256``, ``features``), each written to a temporary file
 and renamed when complete.
+
+Every executor (local, Ray) feeds rows into a store and then writes the cache
+file from it with :func:`write_from_store`, in manifest order, through the one
+:class:`~pipeline.extract.cache.CacheWriter`: whichever ran, the same file.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import os
 import time
 from collections import OrderedDict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import h5py
 import numpy as np
@@ -27,7 +32,22 @@ from tqdm import tqdm
 
 from pipeline.data.manifest import Row
 from pipeline.errors import PipelineError
+from pipeline.extract.cache import CacheWriter, check_free_space
 from pipeline.fileio import atomic_path, file_stem, remove_stale_temporaries, write_json
+
+if TYPE_CHECKING:
+    from pipeline.backbones import Backbone
+    from pipeline.runtime import Precision
+
+
+def store_key(backbone: Backbone, decoder: str, precision: Precision, calibration: str = "") -> dict:
+    """Everything besides the pixels that determines a feature row.
+
+    ``calibration``: for int8, :func:`~pipeline.extract.compute.calibration_id`
+    (the photos that set the quantization ranges change every row).
+    """
+    key = dict(backbone.provenance(), decoder=decoder, precision=precision.name)
+    return dict(key, calibration=calibration) if calibration else key
 
 
 class FeatureStore:
@@ -138,3 +158,15 @@ class ShardReader:
 
     def stack(self, rows: list[Row]) -> np.ndarray:
         return np.stack([self(r.sha256) for r in rows])
+
+
+def write_from_store(out_path: Path, rows: list[Row], store: FeatureStore, dim: int, attrs: dict,
+                     block: int = 1024) -> None:
+    """Write the cache file of ``rows`` from the store, in their order, atomically."""
+    check_free_space(out_path, len(rows), dim)
+    read = store.reader()
+    with atomic_path(out_path, suffix=".h5") as tmp:
+        with CacheWriter(tmp, dim, attrs) as w:
+            for s in range(0, len(rows), block):
+                part = rows[s : s + block]
+                w.append(read.stack(part), part)
