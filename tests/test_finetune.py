@@ -71,9 +71,9 @@ SMALL = TransformSpec(72, 64, "bilinear", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 FAST = FinetuneConfig(epochs=1, batch_size=4, val_fraction=0.0, device="cpu", precision="fp32")
 
 
-def _fit(net, folder, rows, val_rows=(), log=lambda s: None, **changes):
+def _fit(net, folder, rows, val_rows=(), log=lambda s: None, on_epoch=None, **changes):
     return fit(net, backbone="resnet18", root=folder, train_rows=rows, val_rows=list(val_rows),
-               transform_spec=SMALL, cfg=dataclasses.replace(FAST, **changes), log=log)
+               transform_spec=SMALL, cfg=dataclasses.replace(FAST, **changes), on_epoch=on_epoch, log=log)
 
 
 # ------------------------------------------------------------------- freezing
@@ -220,13 +220,40 @@ def test_flip_tta_scores_a_photo_and_its_mirror_image_alike(tiny):
     np.testing.assert_allclose(*flipped, atol=1e-5)
 
 
-def test_bf16_autocast_trains_and_says_so(tiny):
+def _training_dtypes(net):
+    """Record the dtype of the first convolution's and the head's outputs in every training forward pass.
+
+    Training steps run with gradients on; validation and scoring run in
+    inference mode, so they are not recorded.
+    """
+    seen = {"conv1": [], "head": []}
+
+    def hook(name):
+        def record(module, inputs, output):
+            if torch.is_grad_enabled():
+                seen[name].append(output.dtype)
+        return record
+
+    handles = [net.features.conv1.register_forward_hook(hook("conv1")), net.head.register_forward_hook(hook("head"))]
+    return seen, handles
+
+
+@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
+def test_bf16_autocast_trains_and_says_so(tiny, precision, dtype):
+    """Each training step runs under the precision asked for; the weights and their steps stay fp32."""
     bb, net, folder, rows = tiny
     before = net.head.weight.detach().clone()
     lines = []
-    res = _fit(net, folder, rows, unfreeze="none", precision="bf16", log=lines.append)
-    assert "on cpu, bf16 (finetune.precision: bf16)" in lines[0], lines[0]
+    seen, handles = _training_dtypes(net)
+    try:
+        res = _fit(net, folder, rows, unfreeze="none", precision=precision, log=lines.append)
+    finally:
+        for h in handles:
+            h.remove()
+    assert f"on cpu, {precision} (finetune.precision: {precision})" in lines[0], lines[0]
     assert res.epochs_run == 1 and np.isfinite(res.history[0]["train/loss"])
+    # 12 photos in batches of 4: three training steps, each computed in ``dtype``.
+    assert seen == {"conv1": [dtype] * 3, "head": [dtype] * 3}, seen
     assert not torch.equal(before, net.head.weight) and net.head.weight.dtype == torch.float32
 
 
@@ -250,6 +277,34 @@ def test_max_minutes_stops_cleanly_and_keeps_the_best(tiny):
     assert [h["epoch"] for h in res.history] == [0, 1] and set(res.history[1]) >= {"train/loss", "val/accuracy"}
     best = max(res.history, key=lambda h: (h["val/accuracy"], -h["val/loss"], -h["epoch"]))
     assert res.best_epoch == best["epoch"]
+
+
+@pytest.mark.parametrize("init_seed, lr_head, kept", [
+    (1, 1e-4, "a middle epoch"),  # epoch 2 scores 0.75 on validation, the start and epoch 1 0.5
+    (0, 3e-3, "the start"),       # the start scores 0.75, every trained epoch less
+])
+def test_the_kept_weights_are_the_best_epochs_not_the_last(tiny, init_seed, lr_head, kept):
+    """After fit the network holds exactly the weights that scored best on validation, not the last epoch's."""
+    bb, _, folder, rows = tiny
+    torch.manual_seed(init_seed)  # the random head's start, which the validation scores depend on
+    net = FineTuneNet(load_backbone("resnet18", "none").features, nn.Linear(bb.feature_dim, 2))
+    tr, va = split_validation(rows, 0.34, 0)
+    validated = {}
+
+    def snapshot(epoch, m):  # called with the weights just validated (the average, with ema)
+        validated[epoch] = {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+    res = _fit(net, folder, tr, va, on_epoch=snapshot, unfreeze="none", lr_head=lr_head, epochs=5, patience=2,
+               val_fraction=0.34, seed=init_seed)
+    best = max(res.history, key=lambda h: (h["val/accuracy"], -h["val/loss"], -h["epoch"]))["epoch"]
+    assert res.best_epoch == best, res.history
+    # The case asked for, so that keeping the last epoch (or the start) would show.
+    assert res.stopped == "early stopping" and res.best_epoch < res.epochs_run, res.history
+    assert (res.best_epoch == 0) == (kept == "the start"), res.history
+    last = validated[res.epochs_run]
+    assert not torch.equal(last["head.weight"], validated[res.best_epoch]["head.weight"])
+    differ = [k for k, v in net.state_dict().items() if not torch.equal(v, validated[res.best_epoch][k])]
+    assert not differ, f"kept weights are not epoch {res.best_epoch}'s (of {res.epochs_run}): {differ}"
 
 
 def test_validation_slice_is_stratified_and_leaves_training_images():
@@ -339,12 +394,12 @@ def test_catsdogs_repro_through_finetune_and_a_new_C_reruns_only_that_head(proje
     project.commit("catsdogs with the finetune stage")
     out = project.dvc("repro", "finetune", "evaluate").stdout
     root = project.path
-    assert project.ran(out) == {"prepare", "extract", "train_heads@logreg", "train_heads@svm", "finetune", "evaluate"}
+    assert project.ran(out) == {"prepare", "extract", "extract_extra", "train_heads@logreg", "train_heads@svm",
+                                "finetune", "evaluate@logreg", "evaluate@svm"}
     # The estimate comes before the first epoch's result, within the first batches.
     assert out.index("s per epoch") < out.index("finetune: epoch 1"), out
 
-    metrics = json.loads((root / "reports/metrics.json").read_text())
-    assert set(metrics) == {"logreg", "svm"}
+    metrics = {h: json.loads((root / f"reports/metrics_{h}.json").read_text())[h] for h in ("logreg", "svm")}
     report = json.loads((root / "reports/finetune_metrics.json").read_text())
     assert set(report) == {"finetune", "finetune_run"}
     assert set(report["finetune"]) == set(metrics["logreg"])  # side by side in dvc metrics show
@@ -371,14 +426,14 @@ def test_catsdogs_repro_through_finetune_and_a_new_C_reruns_only_that_head(proje
     shown = json.loads(project.dvc("metrics", "show", "--json").stdout)
     files = next(iter(shown.values()))["data"]
     assert files["reports/finetune_metrics.json"]["data"]["finetune"]["accuracy"] == report["finetune"]["accuracy"]
-    assert files["reports/metrics.json"]["data"]["logreg"]["accuracy"] == metrics["logreg"]["accuracy"]
+    assert files["reports/metrics_logreg.json"]["data"]["logreg"]["accuracy"] == metrics["logreg"]["accuracy"]
 
     # A new C re-runs that head and the heads' evaluation, nothing else.
     project.commit("first run")
-    project.set_params(heads={"logreg": {"C": [0.5]}})
+    project.set_params(heads={"train": {"logreg": {"C": [0.5]}}})
     out = project.dvc("repro", "finetune", "evaluate").stdout
     # prepare always re-scans the photo folder (always_changed); its manifest is unchanged.
-    assert project.ran(out) - {"prepare"} == {"train_heads@logreg", "evaluate"}, out
+    assert project.ran(out) - {"prepare"} == {"train_heads@logreg", "evaluate@logreg"}, out
     assert json.loads((root / "reports/finetune_metrics.json").read_text()) == report
     # Nothing downstream of a head but the heads' evaluation (visualize included).
     for stage in ("finetune", "visualize"):
@@ -386,9 +441,13 @@ def test_catsdogs_repro_through_finetune_and_a_new_C_reruns_only_that_head(proje
 
 
 def test_predict_finds_the_fine_tuned_network_in_its_own_metrics_file(tmp_path):
-    """predict's default model ranks the heads (metrics.json) with finetune (finetune_metrics.json)."""
+    """predict's default model ranks the heads (metrics_<head>.json) with finetune (finetune_metrics.json)."""
     (tmp_path / "reports").mkdir()
-    (tmp_path / "reports/metrics.json").write_text(json.dumps({"logreg": {"accuracy": 0.95}, "svm": {"accuracy": 0.9}}))
+    (tmp_path / "models").mkdir()
+    for name in ("logreg.joblib", "svm.joblib", "finetune.pt"):
+        (tmp_path / "models" / name).touch()  # the saved models are ranked by their reports, not opened
+    for head, accuracy in (("logreg", 0.95), ("svm", 0.9)):
+        (tmp_path / f"reports/metrics_{head}.json").write_text(json.dumps({head: {"accuracy": accuracy}}))
     assert best_model(tmp_path) == "logreg"
     report = {"finetune": {"accuracy": 0.97}, "finetune_run": {"wall_seconds": 12.0}}
     (tmp_path / "reports/finetune_metrics.json").write_text(json.dumps(report))

@@ -14,6 +14,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
+from pipeline.backbones import load_backbone
 from pipeline.config import (
     BackboneConfig,
     Config,
@@ -23,10 +24,13 @@ from pipeline.config import (
 )
 from pipeline.data.manifest import read_prepared
 from pipeline.data.sources import prepare
+from pipeline.extract.cache import open_cache
 from pipeline.extract.stage import run_extract
 from pipeline.finetune.checkpoint import load_finetuned
 from pipeline.finetune.data import split_validation
+from pipeline.finetune.network import build_network
 from pipeline.finetune.stage import run_finetune
+from pipeline.finetune.warmstart import fit_warm_start
 from pipeline.heads.model import to_torch_linear
 
 pytestmark = pytest.mark.sample_data
@@ -46,9 +50,10 @@ def small_project(tmp_path, catsdogs):
     backbone = BackboneConfig(name="efficientnet_lite0", weights="DEFAULT")
     run_extract(backbone=backbone, extract=ExtractConfig(store="", precision="fp32", compile=False),
                 prepared_dir=tmp_path / "prepared", out_dir=tmp_path / "features")
-    # Training that can only make the head worse (lr 10 on the head alone), so
-    # epoch 0 must win: real features give the head a validation score to keep.
-    ft = FinetuneConfig(epochs=1, batch_size=4, unfreeze="none", lr_head=10.0, val_fraction=0.25,
+    # Training that can only make the head worse (lr 10 on the head), so epoch 0
+    # must win: real features give the head a validation score to keep. The
+    # backbone's last stage trains too, so that every weight moves in epoch 1.
+    ft = FinetuneConfig(epochs=1, batch_size=4, unfreeze="last", lr_head=10.0, val_fraction=0.25,
                         device="cpu", precision="fp32", patience=1)
     cfg = Config(backbone=backbone, finetune=ft, evaluate=EvaluateConfig())
     yield tmp_path, cfg
@@ -87,6 +92,18 @@ def test_no_validation_image_reaches_the_warm_start_head(small_project, capsys):
     assert "fine-tuning did not beat the warm-start head on the validation slice; keeping the head's weights" in out
     net, info = load_finetuned(tmp_path / "models/finetune.pt")
     assert info["training"]["best_epoch"] == 0 and info["warm_start"] == {"head": "logreg", "C": 0.1, "n_train": 8}
+    # Kept means the start's weights, bit for bit, though epoch 1 moved them (its
+    # validation loss differs): the backbone as loaded, and the warm-start head
+    # (the logistic regression of the fitting part, its scaler folded in).
+    assert result.history[1]["val/loss"] != result.history[0]["val/loss"]
+    start = build_network(load_backbone("efficientnet_lite0", "DEFAULT").features,
+                          fit_warm_start(open_cache(cache), fit_rows, C=0.1, seed=0, source=cache)).state_dict()
+    saved = torch.load(tmp_path / "models/finetune.pt", weights_only=True)
+    assert saved.keys() == start.keys()
+    for k in ("head.weight", "head.bias"):
+        assert torch.equal(saved[k], start[k]), f"the saved {k} is not the warm-start head's"
+    differ = [k for k, v in start.items() if not torch.equal(saved[k], v)]
+    assert not differ, f"models/finetune.pt is not epoch 0's network: {differ[:5]} ... ({len(differ)} tensors)"
     report = json.loads((tmp_path / "reports/finetune_metrics.json").read_text())
     assert set(report["finetune"]) == {"accuracy", "mean_class_accuracy", "macro_f1", "n_test"}
     assert report["finetune"]["n_test"] == 4 and report["finetune_run"]["kept"] == "warm-start head"

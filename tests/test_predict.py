@@ -18,44 +18,65 @@ from helpers_images import truncated_jpeg, write
 
 from pipeline.__main__ import main
 from pipeline.backbones import load_backbone
+from pipeline.config import BackboneConfig, Config, EvaluateConfig, ExtractConfig, FinetuneConfig
 from pipeline.data.images import load_rgb
+from pipeline.data.manifest import read_prepared
+from pipeline.data.sources import prepare
 from pipeline.errors import PipelineError
-from pipeline.finetune.checkpoint import save_finetuned
-from pipeline.finetune.network import build_network
+from pipeline.extract.cache import features_path, open_cache
+from pipeline.extract.stage import run_extract
+from pipeline.finetune.data import split_validation
+from pipeline.finetune.stage import run_finetune
+from pipeline.finetune.warmstart import fit_warm_start
 from pipeline.heads.batch import make_head
-from pipeline.heads.model import save_head
+from pipeline.heads.model import load_head, save_head
+from pipeline.heads.train import train_head
 from pipeline.serve.bundle import load_bundle
 
 pytestmark = pytest.mark.sample_data
+
+
+#: The fine-tuning run of the fixture: one epoch that cannot beat its warm-start head (lr 10 on the
+#: head alone), so the network kept is the head it started from (epoch 0), as the stage keeps it.
+FINETUNE = FinetuneConfig(epochs=1, batch_size=8, unfreeze="none", lr_head=10.0, val_fraction=0.25, patience=1,
+                          device="cpu", precision="fp32")
+BACKBONE = BackboneConfig(name="efficientnet_lite0", weights="DEFAULT")
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A project folder as ``dvc repro`` leaves it: three models and the metrics.
 
-    The heads are fitted on 12 photos per class (seconds); the fine-tuned
-    network is the one the finetune stage starts from.
+    Twelve photos per class go through the stages' own library calls:
+    prepare, extract, ``train_head`` for each head, and ``run_finetune``, which
+    fits its own warm-start head on the cache and writes ``models/finetune.pt``
+    as the finetune stage does.
     """
     folder = sample_folder("catsdogs")
-    project = tmp_path_factory.mktemp("predict") / "project"
+    base = tmp_path_factory.mktemp("predict")
+    project = base / "project"
     (project / "reports").mkdir(parents=True)
-    bb = load_backbone("efficientnet_lite0")
-    classes = ["cat", "dog"]
-    files = [(folder / c / f.name, i) for i, c in enumerate(classes) for f in sorted((folder / c).iterdir())[:12]]
-    with torch.inference_mode():
-        X = bb.features(torch.stack([bb.transform(load_rgb(f)) for f, _ in files])).numpy()
-    y = np.array([label for _, label in files])
+    subset = base / "subset"  # the first 12 photos of each class, copied outside the repository
+    for c in ("cat", "dog"):
+        (subset / c).mkdir(parents=True)
+        for f in sorted((folder / c).iterdir())[:12]:
+            shutil.copy2(f, subset / c / f.name)
+    prepare(source="folder", out_dir=project / "data/prepared", folder=str(subset), test_fraction=0.25, seed=0)
+    run_extract(backbone=BACKBONE, extract=ExtractConfig(store="", precision="fp32", compile=False),
+                prepared_dir=project / "data/prepared", out_dir=project / "data/features")
+    features = features_path(project / "data/features", BACKBONE.name)
     for name, C in (("logreg", [0.1]), ("svm", [0.001])):
-        search = make_head(name, C=C, cv_folds=2, y=y).fit(X, y)
-        save_head(project / "models" / f"{name}.joblib", search, bb.provenance(), classes)
-        if name == "logreg":
-            net = build_network(bb.features, search.best_estimator_)
-            save_finetuned(project / "models" / "finetune.pt", net, bb, classes)
-    # svm "best", so the default choice is visible.
-    metrics = {"logreg": {"accuracy": 0.95}, "svm": {"accuracy": 0.97}, "finetune": {"accuracy": 0.96}}
-    (project / "reports" / "metrics.json").write_text(json.dumps(metrics))
+        train_head(name=name, features_file=features, models_dir=project / "models", C=C, cv_folds=2)
+    run_finetune(Config(backbone=BACKBONE, finetune=FINETUNE, evaluate=EvaluateConfig()),
+                 prepared_dir=project / "data/prepared", features_dir=project / "data/features",
+                 out_path=project / "models/finetune.pt", live_dir=base / "dvclive", reports_dir=base / "reports")
+    # The test accuracies predict ranks by, as the evaluate@<head> and finetune stages write
+    # them: svm "best", so the default choice is visible.
+    for name, accuracy in (("logreg", 0.95), ("svm", 0.97), ("finetune", 0.96)):
+        report = "finetune_metrics.json" if name == "finetune" else f"metrics_{name}.json"
+        (project / "reports" / report).write_text(json.dumps({name: {"accuracy": accuracy}}))
 
-    photos = project.parent / "photos"
+    photos = base / "photos"
     (photos / "nested" / "dog").mkdir(parents=True)
     for f in sorted((folder / "cat").iterdir())[100:102]:
         shutil.copy(f, photos / f"cat-{f.name}")
@@ -64,6 +85,20 @@ def trained(tmp_path_factory):
     write(photos / "broken.jpg", truncated_jpeg())
     write(photos / "notes.txt", b"not a photo; ignored inside folders")
     return project, photos
+
+
+@pytest.fixture(scope="module")
+def pretrained(trained) -> tuple[np.ndarray, torch.Tensor]:
+    """The good photos' features (float64) through a freshly loaded pretrained backbone, and its input batch."""
+    bb = load_backbone(BACKBONE.name, BACKBONE.weights)
+    x = torch.stack([bb.transform(load_rgb(p)) for p in _good(trained[1])])
+    with torch.inference_mode():
+        return bb.features(x).double().numpy(), x
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
 
 
 def _predict(capsys, *args):
@@ -104,7 +139,7 @@ def test_good_files_only_exit_zero(trained, capsys):
     code, out, err = _predict(capsys, *_good(photos), "--project", project, "--top-k", "1")
     assert code == 0, err
     lines = out.splitlines()
-    # Default: the best by test accuracy in reports/metrics.json, here the SVM.
+    # Default: the best by test accuracy in the reports, here the SVM.
     assert lines[0] == "# model svm on efficientnet_lite0: scores: softmax of SVM decision values, not probabilities"
     assert len(lines) == 5 and all(len(line.split(": ")[1].split(", ")) == 1 for line in lines[1:])
 
@@ -126,17 +161,24 @@ def test_json_is_one_document_with_failures_and_reasons(trained, capsys, tmp_pat
     assert "error: 2 of 6 files could not be classified (listed in the JSON)" in err
 
 
-def test_finetune_starts_with_the_logreg_heads_probabilities(trained, capsys):
+def test_finetune_predicts_what_its_warm_start_head_predicts(trained, pretrained, capsys):
+    """The kept epoch 0 through ``predict``: scikit-learn's probabilities of the stage's own warm-start head."""
     project, photos = trained
-    docs = {}
-    for model in ("logreg", "finetune"):
-        code, out, _ = _predict(capsys, *_good(photos), "--project", project, "--json", "--model", model)
-        assert code == 0
-        docs[model] = {p["path"]: p["top"] for p in json.loads(out)["predictions"]}
-    for path, top in docs["logreg"].items():
-        other = docs["finetune"][path]
-        assert [t["class"] for t in top] == [t["class"] for t in other]
-        assert abs(top[0]["score"] - other[0]["score"]) < 1e-3
+    info = json.loads((project / "models/finetune.json").read_text())
+    assert info["training"]["best_epoch"] == 0 and info["warm_start"]["n_train"] == 14, info
+    code, out, _ = _predict(capsys, *_good(photos), "--project", project, "--json", "--model", "finetune")
+    assert code == 0
+    predicted = {p["path"]: {t["class"]: t["score"] for t in p["top"]} for p in json.loads(out)["predictions"]}
+
+    # The head the stage starts from: logistic regression (C = finetune.head_C) on the
+    # cached features of the train photos outside the validation slice.
+    train = read_prepared(project / "data/prepared").split("train")
+    fit_rows, _ = split_validation(train, FINETUNE.val_fraction, FINETUNE.seed)
+    features = features_path(project / "data/features", BACKBONE.name)
+    head = fit_warm_start(open_cache(features), fit_rows, C=FINETUNE.head_C, seed=FINETUNE.seed, source=features)
+    expected = head.predict_proba(pretrained[0])
+    for path, probs in zip(_good(photos), expected):
+        np.testing.assert_allclose([predicted[str(path)][c] for c in ("cat", "dog")], probs, atol=1e-3)
 
 
 @pytest.fixture
@@ -192,32 +234,46 @@ def test_head_whose_weights_file_changed_is_refused(tmp_path, capsys):
     assert "it is stale: run dvc repro" in line
 
 
-def test_bundle_scores_and_network_agree(trained):
-    """``network()`` (features + one linear layer) gives the probabilities ``scores`` gives."""
+def test_bundle_scores_and_network_agree(trained, pretrained):
+    """``scores`` and ``network()`` both give what the saved weights compute, worked out without the bundle.
+
+    The reference: the photos' features through a freshly loaded backbone
+    (the fixture's fine-tuning trains the head only), then for a head
+    scikit-learn's own scores, for the fine-tuned network the head layer of
+    ``finetune.pt`` applied by hand in float64.
+    """
     project, photos = trained
-    for name in ("logreg", "finetune"):
+    X, x = pretrained
+    saved = torch.load(project / "models/finetune.pt", map_location="cpu", weights_only=True)
+    W, bias = saved["head.weight"].double().numpy(), saved["head.bias"].double().numpy()
+    reference = {
+        "logreg": load_head(project / "models/logreg.joblib")["estimator"].predict_proba(X),
+        "finetune": _softmax(X @ W.T + bias),
+    }
+    for name, expected in reference.items():
         b = load_bundle(project / "models", name)
-        x = torch.stack([b.transform(load_rgb(p)) for p in _good(photos)])
+        torch.testing.assert_close(torch.stack([b.transform(load_rgb(p)) for p in _good(photos)]), x)
         net = b.network()
         with torch.no_grad():
             probs = net(x).softmax(1).numpy()
-        np.testing.assert_allclose(probs, b.scores(x), atol=1e-5)
+        np.testing.assert_allclose(b.scores(x), expected, atol=1e-5, err_msg=f"{name}: scores")
+        np.testing.assert_allclose(probs, expected, atol=1e-5, err_msg=f"{name}: network()")
         assert b.spec()["name"] == "efficientnet_lite0" and b.spec()["transform"]["crop"] == 224
-        x.requires_grad_(True)
-        net(x).softmax(1)[:, 0].sum().backward()  # differentiable with respect to the image
-        assert x.grad is not None and float(x.grad.abs().sum()) > 0
+        x_grad = x[:1].clone().requires_grad_(True)
+        net(x_grad).softmax(1)[:, 0].sum().backward()  # differentiable with respect to the image
+        assert x_grad.grad is not None and float(x_grad.grad.abs().sum()) > 0
     with pytest.raises(PipelineError, match="classes=.*stale: run dvc repro"):
         load_bundle(project / "models", "svm", expected={"classes": ["dog", "cat"]})
-    with pytest.raises(PipelineError, match="unknown model 'mlp'; accepted: logreg, svm, finetune"):
+    with pytest.raises(PipelineError, match="no model 'mlp' .*; saved in .*: logreg, svm, finetune"):
         load_bundle(project / "models", "mlp")
 
 
 def test_without_metrics_the_model_must_be_named(stale, capsys):
     project, photos = stale
-    (project / "reports" / "metrics.json").unlink()
+    shutil.rmtree(project / "reports")
     code, _, err = _predict(capsys, photos, "--project", project)
     assert code == 1
-    assert "--model logreg|svm|finetune" in _error_line(err)
+    assert "no best model to pick; run dvc repro, or choose one with --model" in _error_line(err)
 
 
 def test_command_line_exit_status(trained):

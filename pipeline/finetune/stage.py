@@ -94,10 +94,12 @@ def run_finetune(cfg: Config, *, prepared_dir, features_dir, out_path, live_dir,
             epochs_run=result.epochs_run,
             **({"best_val_accuracy": result.best_val_accuracy} if result.best_val_accuracy is not None else {}),
         )
+    # Scored before anything is written: a test photo that cannot be used (changed since
+    # the prepare stage, say) fails the stage with no model left under its final name.
+    metrics, y, pred = score_test(net, fs, features_file, prepared_dir, cfg, bb.transform_spec.build())
     training = {**result.summary(), "n_train": len(train_rows), "n_val": len(val_rows)}
     save_finetuned(out_path, net, bb, prepared.classes, params=ft.to_dict(), training=training,
                    warm_start={"head": "logreg", "C": ft.head_C, "n_train": len(train_rows)})
-    metrics, y, pred = score_test(net, fs, features_file, prepared_dir, cfg, bb.transform_spec.build())
     reports = Path(reports_dir)
     write_csv(reports / f"confusion_{FINETUNE}.csv", ["actual", "predicted"],
               [[fs.classes[a], fs.classes[p]] for a, p in zip(y, pred)])
