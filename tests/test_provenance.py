@@ -97,3 +97,17 @@ def test_evaluate_refuses_a_head_of_another_backbone(tmp_path):
     with pytest.raises(PipelineError, match="was made from backbone='lite2' but .* has backbone='lite0'"):
         run_evaluate(_cfg(), "logreg", features_dir=tmp_path / "features", models_dir=tmp_path / "models",
                      reports_dir=tmp_path / "reports")
+
+
+def test_predict_refuses_a_head_whose_features_saw_other_decoding(tmp_path):
+    """predict decodes every photo exactly; a head fitted on reduced-scale decoded features is refused."""
+    from pipeline.serve.bundle import load_bundle
+
+    write_extra_index(tmp_path / "features/extra", [])
+    features = _cache(tmp_path / "features/bb.h5")
+    with h5py.File(features, "a") as h5:
+        h5.attrs["decoder"] = "pillow"
+    _train(tmp_path, features)
+    bundle = load_bundle(tmp_path / "models/logreg.joblib")
+    with pytest.raises(PipelineError, match=r"made with decoder='pillow' .* scoring decodes with 'pillow-exact'"):
+        bundle.transform_spec  # what predict and visualize build their preprocessing from
