@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 from helpers_images import closed_port_url, http_server, make_tar, make_zip, md5, sha256
 
+import pipeline.data.archives as archives_module
 import pipeline.data.download as download_module
-from pipeline.data.download import download, safe_extract
+from pipeline.data.archives import safe_extract
+from pipeline.data.download import download
 from pipeline.errors import PipelineError
 
 PAYLOAD = bytes(range(256)) * 400
@@ -317,7 +319,7 @@ def _device(name: str) -> tarfile.TarInfo:
 @pytest.mark.parametrize("with_data_filter", [True, False], ids=["filter", "own-checks-only"])
 def test_tar_unsafe_members_are_refused(tmp_path, monkeypatch, members, bad, with_data_filter):
     if not with_data_filter:  # as on Pythons without tarfile's filters
-        monkeypatch.setattr(download_module, "_DATA_FILTER", None)
+        monkeypatch.setattr(archives_module, "_DATA_FILTER", None)
     work = tmp_path / "work"
     work.mkdir()
     archive = _tar_with(work / "bad.tar", *members(tmp_path))

@@ -228,7 +228,7 @@ def test_settings_are_checked():
         ({"param": "wavelet"}, "visualize.param"),
         ({"stpes": 3}, "visualize.stpes"),
         ({"model": "forest"}, "visualize.model must be a model file"),
-        ({"model": "logreg"}, r"models/<head>.joblib \(logreg, svm\)"),
+        ({"model": "logreg"}, r"models/<head>.joblib \(a head of heads.train\)"),
         ({"precision": "fp8"}, "visualize.precision"),
         ({"attack": {"eps": [0, 2]}}, "attack.eps"),
         ({"attack": {"random_start": "yes"}}, "attack.random_start"),

@@ -36,7 +36,8 @@ from types import MappingProxyType
 from tqdm import tqdm
 
 from pipeline.config import SOURCES, check_split_params
-from pipeline.data.download import download, file_digest, safe_extract
+from pipeline.data.archives import safe_extract
+from pipeline.data.download import download, file_digest
 from pipeline.data.images import load_rgb
 from pipeline.data.listing import Listing, join, list_class_folders, list_oxford, plural
 from pipeline.data.manifest import MANIFEST_HEADER, stratified_holdout
