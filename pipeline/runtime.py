@@ -1,13 +1,15 @@
 """Where and how a network runs: device, precision, memory format, compilation.
 
-Every stage that runs a network (extract with either engine, finetune,
-evaluate, predict, visualize) resolves its device and precision here and, for
-inference, wraps its module in one :class:`Runner`. So a change of policy
-(a new precision, a new device kind) is made once.
+Every process that runs a network (extract with either engine, finetune,
+predict, visualize, the benchmarks) resolves its device and precision once,
+with :func:`place`, into one frozen :class:`Placement` that it passes down
+(and states in one log line, :meth:`Placement.describe`); for inference it
+wraps its module in one :class:`Runner`. So a change of policy (a new
+precision, a new device kind) is made here, once.
 
 Example:
-    >>> dev = resolve_device("auto", key="extract.device")          # doctest: +SKIP
-    >>> runner = Runner(bb.features, dev, precision="fp32")         # doctest: +SKIP
+    >>> where = place("auto", "auto", section="extract")          # doctest: +SKIP
+    >>> runner = Runner(bb.features, where.device, where.precision)  # doctest: +SKIP
     >>> feats = runner(batch)                                      # doctest: +SKIP
 """
 
@@ -88,6 +90,52 @@ def resolve_precision(setting: str, device: torch.device, key: str, accepted: tu
     if cpu_has_native_bf16():
         return Precision("bf16", "auto: the CPU has native bf16 (avx512_bf16/amx)")
     return Precision("fp32", "auto: the CPU has no native bf16")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one process runs its networks, resolved once by :func:`place` and passed down.
+
+    Attributes:
+        device: the torch device.
+        precision: what the forward passes run in, with the reason of an automatic choice.
+        threads: the CPU threads torch uses (intra-op).
+    """
+
+    device: torch.device = torch.device("cpu")
+    precision: Precision = Precision("fp32", "fp32: the library default")
+    threads: int = 0
+
+    def autocast(self):
+        """The autocast context of the forward passes (a no-op for fp32 and int8)."""
+        return self.precision.autocast(self.device)
+
+    def describe(self) -> str:
+        """One line for the stage's log: what runs where, and why."""
+        threads = f", {self.threads} CPU threads" if self.device.type == "cpu" and self.threads else ""
+        return f"{self.device}, {self.precision.name} ({self.precision.reason}){threads}"
+
+
+def place(device="auto", precision="auto", *, section: str, accepted: tuple = PRECISIONS) -> Placement:
+    """Resolve ``<section>.device`` and ``<section>.precision`` into a :class:`Placement`.
+
+    The one place a device and a precision are resolved. A :class:`Placement`
+    given as ``device`` is returned as it is, so a library function can take
+    either the settings or the caller's resolved value; a ``torch.device`` is
+    taken as it is (the devices of Ray's actors, not this process's).
+
+    Args:
+        section: the params section (``extract``, ``finetune``, ``visualize``)
+            or option (``predict --device``) the settings came from, named in errors.
+        accepted: :data:`EXTRACT_PRECISIONS` where int8 is allowed (inference only).
+    """
+    if isinstance(device, Placement):
+        return device
+    key = section if section.startswith(("predict", "--")) else f"{section}.device"
+    # A torch.device names where the work runs elsewhere (Ray's GPU actors), taken as it is.
+    dev = device if isinstance(device, torch.device) else resolve_device(device, key)
+    prec = resolve_precision(precision, dev, f"{section.split()[0]}.precision", accepted)
+    return Placement(dev, prec, torch.get_num_threads())
 
 
 #: What ``compile: auto`` assumes on a CPU when it weighs compiling against

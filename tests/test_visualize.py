@@ -35,14 +35,13 @@ from pipeline.errors import PipelineError
 from pipeline.extract.cache import open_cache
 from pipeline.heads.batch import make_head
 from pipeline.heads.model import load_head, save_head, to_torch_linear
-from pipeline.runtime import Precision
+from pipeline.runtime import Placement, Precision
 from pipeline.serve.bundle import load_bundle
 from pipeline.visualize import optvis
 from pipeline.visualize.attack import pgd_attack
 from pipeline.visualize.feature_maps import last_spatial_activation, round_robin
 from pipeline.visualize.ideal import ideal_images
 from pipeline.visualize.networks import (
-    Compute,
     OnPixels,
     head_model,
     imagenet_categories,
@@ -54,7 +53,7 @@ from pipeline.visualize.stage import run_visualize
 ROOT = Path(__file__).resolve().parents[1]
 BACKBONE = "efficientnet_lite0"
 OTHER = "efficientnet_lite2"  # the transfer target: trained separately, another input size
-BF16 = Compute(torch.device("cpu"), Precision("bf16", "test"))
+BF16 = Placement(torch.device("cpu"), Precision("bf16", "test"))
 
 # ------------------------------------------------------------------ fixtures
 
@@ -185,7 +184,7 @@ def test_render_is_deterministic_given_seed():
     assert not torch.equal(run(1), run(2))
 
 
-@pytest.mark.parametrize("compute", [Compute(), BF16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("compute", [Placement(), BF16], ids=["fp32", "bf16"])
 def test_pgd_stays_in_the_ball_and_in_unit_range(compute):
     model = _Tiny().eval()
     x = torch.rand(4, 3, 24, 24)

@@ -30,14 +30,7 @@ from pipeline.extract.compute import (
 )
 from pipeline.extract.store import FeatureStore, store_key, write_from_store
 from pipeline.fileio import remove_stale_temporaries
-from pipeline.runtime import (
-    EXTRACT_PRECISIONS,
-    Precision,
-    Runner,
-    process_age,
-    resolve_device,
-    resolve_precision,
-)
+from pipeline.runtime import EXTRACT_PRECISIONS, Placement, Precision, Runner, place, process_age
 
 
 def extract_features(
@@ -48,7 +41,7 @@ def extract_features(
     classes: list[str],
     out_path: str | Path,
     batch_size: int = 32,
-    device: str = "auto",
+    device: str | Placement = "auto",
     precision: str = "fp32",
     decode_threads: int = 2,
     decoder: str = "auto",
@@ -61,7 +54,8 @@ def extract_features(
 
     Args:
         rows: the manifest's :class:`~pipeline.data.manifest.Row` records.
-        device, precision: ``extract.device`` and ``extract.precision`` (see :mod:`pipeline.runtime`).
+        device, precision: ``extract.device`` and ``extract.precision`` (see :mod:`pipeline.runtime`),
+            or the caller's :class:`~pipeline.runtime.Placement` as ``device``.
         decoder: ``extract.decoder`` (see :mod:`pipeline.extract.decode`).
         compile: ``True``, ``False`` or ``"auto"`` (see :class:`~pipeline.runtime.Runner`).
         store_dir: folder of the per-image store; ``None`` keeps a temporary
@@ -77,8 +71,8 @@ def extract_features(
     """
     t_start = time.perf_counter()
     try:
-        dev = resolve_device(device, "extract.device")
-        prec = resolve_precision(precision, dev, "extract.precision", EXTRACT_PRECISIONS)
+        where = place(device, precision, section="extract", accepted=EXTRACT_PRECISIONS)
+        dev, prec = where.device, where.precision
         decoder = decode.resolve_decoder(decoder, dev)
     except BaseException:
         if early is not None:
@@ -183,8 +177,8 @@ def run_stage(backbone, extract, prepared: Prepared, out: Path) -> ExtractResult
     quantized): the transform is known from the registry without building it.
     """
     e = extract
-    dev = resolve_device(e.device, "extract.device")
-    prec = resolve_precision(e.precision, dev, "extract.precision", EXTRACT_PRECISIONS)
+    where = place(e.device, e.precision, section="extract", accepted=EXTRACT_PRECISIONS)
+    dev = where.device
     decoder = decode.resolve_decoder(e.decoder, dev)
     spec = get_spec(backbone.name).transform_for(backbone.weights, backbone.input_size)
     early = decode.batches(decoder, prepared.root, prepared.rows, spec, e.batch_size, e.decode_threads, dev)
@@ -193,10 +187,10 @@ def run_stage(backbone, extract, prepared: Prepared, out: Path) -> ExtractResult
     except BaseException:
         early.close()
         raise
-    print(f"extract: {len(prepared.rows)} images through {backbone.name} ({bb.weights}) on {dev}, "
-          f"{prec.name} ({prec.reason}), batch {e.batch_size}, decoder {decoder} -> {out}", flush=True)
+    print(f"extract: {len(prepared.rows)} images through {backbone.name} ({bb.weights}) on "
+          f"{where.describe()}, batch {e.batch_size}, decoder {decoder} -> {out}", flush=True)
     return extract_features(
         bb, root=prepared.root, rows=prepared.rows, classes=prepared.classes, out_path=out,
-        batch_size=e.batch_size, device=str(dev), precision=e.precision, decode_threads=e.decode_threads,
+        batch_size=e.batch_size, device=where, decode_threads=e.decode_threads,
         decoder=e.decoder, compile=e.compile, store_dir=e.store or None, flush_every=e.flush_every, early=early,
     )

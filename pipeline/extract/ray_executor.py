@@ -35,7 +35,7 @@ from pipeline.extract.cache import cache_attrs
 from pipeline.extract.compute import ExtractResult, Timing, run_batches
 from pipeline.extract.store import FeatureStore, store_key, write_from_store
 from pipeline.fileio import remove_stale_temporaries
-from pipeline.runtime import Runner, resolve_precision
+from pipeline.runtime import Runner, place
 
 #: This package's folder, uploaded to the actors with the job.
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
@@ -76,8 +76,8 @@ class _ExtractWorker:
                 )
         self.root, self.batch_size, self.decoder = Path(root), batch_size, decoder
         self.decode_threads = decode_threads
-        dev = torch.device(device)
-        self.runner = Runner(self.bb.features, dev, resolve_precision(precision, dev, "extract.precision"), compile_)
+        where = place(torch.device(device), precision, section="extract")  # once per actor process
+        self.runner = Runner(self.bb.features, where.device, where.precision, compile_)
         self.left = expected_images  # this actor's expected share, for compile: auto
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
@@ -157,9 +157,10 @@ def extract_with_ray(
     t_start = time.perf_counter()
     out_path, root = Path(out_path), Path(root)
     bb = load_backbone(backbone_name, weights, input_size)  # the driver's copy: provenance, width, early errors
-    device = torch.device("cuda" if num_gpus_per_worker > 0 else "cpu")
+    # Where the actors run (GPU actors or CPU ones); the driver resolves it once for the store's key.
+    where = place(torch.device("cuda" if num_gpus_per_worker > 0 else "cpu"), precision, section="extract")
+    device, prec = where.device, where.precision
     decoder = decode.resolve_decoder(decoder, device)
-    prec = resolve_precision(precision, device, "extract.precision")
     store = FeatureStore(store_dir, store_key(bb, decoder, prec), flush_rows=flush_every)
     remove_stale_temporaries(out_path.parent, out_path.name + ".")
     todo = store.todo(rows)

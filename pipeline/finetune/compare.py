@@ -35,7 +35,7 @@ from pipeline.finetune.network import build_network
 from pipeline.finetune.train import fit, predict_logits
 from pipeline.finetune.warmstart import cached_rows, fit_warm_start
 from pipeline.heads.batch import make_head
-from pipeline.runtime import resolve_device
+from pipeline.runtime import place
 
 
 def _value(text: str):
@@ -69,15 +69,16 @@ def run_split(project: Path, seed: int, variants: list[tuple[str, dict]], test_f
                                   search.predict_proba(fs.features[i_test]), n_classes)}
     for name, overrides in variants:
         ft = dataclasses.replace(cfg.finetune, **overrides)
+        where = place(ft.device, ft.precision, section="finetune")  # a variant may change the precision
         tr, va = split_validation(train, ft.val_fraction, ft.seed)
         head = fit_warm_start(fs, tr, C=ft.head_C, seed=ft.seed, source="cache")
         fresh = load_backbone(cfg.backbone.name, cfg.backbone.weights, cfg.backbone.input_size)
         net = build_network(fresh.features, head)
         t0 = time.perf_counter()
         res = fit(net, backbone=bb.name, root=prepared.root, train_rows=tr, val_rows=va,
-                  transform_spec=bb.transform_spec, cfg=ft, log=lambda s: None)
+                  transform_spec=bb.transform_spec, cfg=ft, log=lambda s: None, placement=where)
         seconds = time.perf_counter() - t0
-        dev = resolve_device(ft.device, "finetune.device")
+        dev = where.device
         # The same network scored plain and with the flip: what tta_flip adds at test time alone.
         scored = {}
         for flip in (False, True):

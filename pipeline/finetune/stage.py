@@ -33,12 +33,13 @@ from pipeline.finetune.data import loader, split_validation
 from pipeline.finetune.network import build_network
 from pipeline.finetune.train import FitResult, fit, predict_logits
 from pipeline.finetune.warmstart import fit_warm_start
-from pipeline.runtime import resolve_device
+from pipeline.runtime import Placement, place
 
 FINETUNE = "finetune"
 
 
-def score_test(net, fs, features_file, prepared_dir, cfg: Config, transform) -> tuple[dict, np.ndarray, np.ndarray]:
+def score_test(net, fs, features_file, prepared_dir, cfg: Config, transform,
+               where: Placement) -> tuple[dict, np.ndarray, np.ndarray]:
     """The network's metrics on the cache's test photos (the heads' keys): ``(metrics, y, pred)``.
 
     The photos are those the heads are scored on, decoded from their files and
@@ -47,9 +48,8 @@ def score_test(net, fs, features_file, prepared_dir, cfg: Config, transform) -> 
     root, rows = manifest_rows(fs, features_file, prepared_dir)
     if not rows:
         raise PipelineError(f"{features_file} has no test rows; check the prepare stage's split")
-    dev = resolve_device(cfg.finetune.device, "finetune.device")
     batches = loader(root, rows, transform, cfg.finetune.batch_size)
-    logits, y = predict_logits(net.to(dev), batches, dev, flip=cfg.finetune.tta_flip)
+    logits, y = predict_logits(net.to(where.device), batches, where.device, flip=cfg.finetune.tta_flip)
     probs = torch.from_numpy(logits).double().softmax(1).numpy()
     pred = probs.argmax(1)
     return head_metrics(y, pred, probs, len(fs.classes), cfg.evaluate.top_k), y, pred
@@ -64,6 +64,7 @@ def run_finetune(cfg: Config, *, prepared_dir, features_dir, out_path, live_dir,
     """
     t0 = time.perf_counter()
     ft = cfg.finetune
+    where = place(ft.device, ft.precision, section="finetune")  # once, for training and scoring
     prepared = read_prepared(prepared_dir)
     bb = load_backbone(cfg.backbone.name, cfg.backbone.weights, cfg.backbone.input_size)
     features_file = features_path(features_dir, cfg.backbone.name)
@@ -88,7 +89,7 @@ def run_finetune(cfg: Config, *, prepared_dir, features_dir, out_path, live_dir,
             live.next_step()
 
         result = fit(net, backbone=bb.name, root=prepared.root, train_rows=train_rows, val_rows=val_rows,
-                     transform_spec=bb.transform_spec, cfg=ft, on_epoch=on_epoch)
+                     transform_spec=bb.transform_spec, cfg=ft, on_epoch=on_epoch, placement=where)
         live.summary.update(
             best_epoch=result.best_epoch,
             epochs_run=result.epochs_run,
@@ -96,7 +97,7 @@ def run_finetune(cfg: Config, *, prepared_dir, features_dir, out_path, live_dir,
         )
     # Scored before anything is written: a test photo that cannot be used (changed since
     # the prepare stage, say) fails the stage with no model left under its final name.
-    metrics, y, pred = score_test(net, fs, features_file, prepared_dir, cfg, bb.transform_spec.build())
+    metrics, y, pred = score_test(net, fs, features_file, prepared_dir, cfg, bb.transform_spec.build(), where)
     training = {**result.summary(), "n_train": len(train_rows), "n_val": len(val_rows)}
     save_finetuned(out_path, net, bb, prepared.classes, params=ft.to_dict(), training=training,
                    warm_start={"head": "logreg", "C": ft.head_C, "n_train": len(train_rows)})

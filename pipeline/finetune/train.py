@@ -31,7 +31,7 @@ from pipeline.data.manifest import Row
 from pipeline.data.transform import TransformSpec
 from pipeline.finetune.data import check_batch, decode_workers, loader
 from pipeline.finetune.network import FineTuneNet, open_modules, set_train_mode, unfreeze_modules
-from pipeline.runtime import Precision, resolve_device, resolve_precision
+from pipeline.runtime import Placement, Precision, place
 
 FP32 = Precision("fp32", "fp32")
 
@@ -179,6 +179,7 @@ def fit(
     cfg: FinetuneConfig,
     on_epoch: Callable[[int, dict], None] | None = None,
     log: Callable[[str], None] = print,
+    placement: Placement | None = None,
 ) -> FitResult:
     """Fine-tune ``net`` in place and leave it holding the best epoch's weights.
 
@@ -188,6 +189,8 @@ def fit(
             val rows the last epoch is kept.
         transform_spec: the backbone's preprocessing: ``augment()`` for
             training, ``build()`` for validation.
+        placement: the caller's resolved device and precision; default:
+            resolved here from ``cfg.device`` and ``cfg.precision``.
         cfg: the ``finetune`` section of params.yaml.
         on_epoch: called with ``(epoch, metrics)``; epoch 0 is the start.
 
@@ -196,8 +199,8 @@ def fit(
     """
     t_start = time.perf_counter()
     deadline = t_start + 60.0 * cfg.max_minutes
-    dev = resolve_device(cfg.device, "finetune.device")
-    precision = resolve_precision(cfg.precision, dev, "finetune.precision")
+    where = placement or place(cfg.device, cfg.precision, section="finetune")
+    dev, precision = where.device, where.precision
     _seed_everything(cfg.seed)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -219,7 +222,7 @@ def fit(
     log(
         f"finetune: {backbone}, unfreeze {cfg.unfreeze} ({n_trainable:,} trainable parameters), "
         f"{len(train_rows)} train / {len(val_rows)} validation images, batch {bs}, "
-        f"up to {cfg.epochs} epochs or {cfg.max_minutes:g} min, on {dev}, {precision.name} ({precision.reason})"
+        f"up to {cfg.epochs} epochs or {cfg.max_minutes:g} min, on {where.describe()}"
     )
 
     def validate() -> dict:

@@ -84,7 +84,7 @@ class Bundle:
                 "transform": self.transform_spec.to_dict()}
 
     def to(self, device: torch.device) -> Bundle:
-        """Run :meth:`scores` on ``device`` (from :func:`pipeline.runtime.resolve_device`)."""
+        """Run :meth:`scores` on ``device`` (a :func:`pipeline.runtime.place`'s ``device``)."""
         self.device = torch.device(device)
         return self
 

@@ -25,7 +25,7 @@ import numpy as np
 from pipeline.data.images import IMAGE_EXTENSIONS
 from pipeline.data.manifest import Row
 from pipeline.errors import PipelineError
-from pipeline.runtime import resolve_device
+from pipeline.runtime import place
 from pipeline.serve.bundle import FINETUNE, Bundle, load_bundle, model_names
 
 
@@ -116,10 +116,10 @@ def run_predict(
     err = err or sys.stderr
     if not isinstance(top_k, int) or top_k < 1:
         raise PipelineError(f"--top-k must be a whole number >= 1, found {top_k!r}")
-    dev = resolve_device(device, "--device")
+    where = place(device, "fp32", section="predict --device")  # scores are fp32, as evaluate's
     project = Path(project)
     files, failed = collect(paths)
-    m = load_bundle(project / "models", model or best_model(project)).to(dev)
+    m = load_bundle(project / "models", model or best_model(project)).to(where.device)
     kind = "probabilities" if m.probabilities else "scores: softmax of SVM decision values, not probabilities"
     doc = {"model": m.name, "description": m.description, "scores": kind, "top_k": min(top_k, len(m.classes)),
            "predictions": [], "failed": failed}

@@ -25,7 +25,8 @@ from pipeline.config import AttackConfig
 from pipeline.data.manifest import Row
 from pipeline.fileio import write_csv, write_json
 from pipeline.visualize import optvis
-from pipeline.visualize.networks import CPU, Compute, class_probabilities
+from pipeline.runtime import Placement
+from pipeline.visualize.networks import CPU, class_probabilities
 from pipeline.visualize.pictures import fresh_dir, load_pixels, save_png
 
 
@@ -39,7 +40,7 @@ def pgd_attack(
     step_size: float | None = None,
     random_start: bool = True,
     seed: int = 0,
-    compute: Compute = CPU,
+    compute: Placement = CPU,
 ) -> torch.Tensor:
     """Targeted PGD under an L∞ budget, in pixel space [0, 1].
 
@@ -63,7 +64,7 @@ def pgd_attack(
         )
 
 
-def attack_rates(model: nn.Module, x_adv: torch.Tensor, target: int, compute: Compute = CPU) -> dict:
+def attack_rates(model: nn.Module, x_adv: torch.Tensor, target: int, compute: Placement = CPU) -> dict:
     """Share of ``x_adv`` classified as ``target``, and the mean target probability."""
     prob = class_probabilities(model, x_adv, compute)
     return {
@@ -74,7 +75,7 @@ def attack_rates(model: nn.Module, x_adv: torch.Tensor, target: int, compute: Co
 
 
 def correctly_classified(model: nn.Module, root, rows: list[Row], pixels: Callable, label: int,
-                         limit: int, compute: Compute = CPU) -> tuple[list[Row], torch.Tensor | None]:
+                         limit: int, compute: Placement = CPU) -> tuple[list[Row], torch.Tensor | None]:
     """The first ``limit`` of ``rows`` (in order) that ``model`` classifies as ``label``, with their pixels.
 
     Rows are decoded ``limit`` at a time, so a large test split is read only as
@@ -94,7 +95,7 @@ def correctly_classified(model: nn.Module, root, rows: list[Row], pixels: Callab
 
 
 def run_attack(model: nn.Module, x0: torch.Tensor, *, classes: list[str], source: int, target: int,
-               a: AttackConfig, seed: int, head: str, transfer: nn.Module | None, compute: Compute,
+               a: AttackConfig, seed: int, head: str, transfer: nn.Module | None, compute: Placement,
                out_dir: Path, progress: bool = True) -> dict:
     """PGD at every ε of ``a.eps``; writes ``attack.json``, ``attack.csv`` and ``attack/`` PNGs.
 

@@ -19,7 +19,8 @@ from torch import nn
 from pipeline.config import FeatureMapsConfig
 from pipeline.data.manifest import Row
 from pipeline.data.transform import TransformSpec
-from pipeline.visualize.networks import CPU, Compute
+from pipeline.runtime import Placement
+from pipeline.visualize.networks import CPU
 from pipeline.visualize.pictures import fresh_dir, load_pixels, save_png, slug, to_pil
 
 #: A few stops of the viridis colour map (dark blue -> green -> yellow).
@@ -71,7 +72,7 @@ def last_spatial_activation(model: nn.Module, x: torch.Tensor) -> tuple[str, tor
 
 
 def feature_map_panel(features: nn.Module, spec: TransformSpec, x: torch.Tensor, channels: int = 16,
-                      compute: Compute = CPU) -> tuple[Image.Image, str]:
+                      compute: Placement = CPU) -> tuple[Image.Image, str]:
     """The input image beside its ``channels`` strongest last-conv feature maps.
 
     Channels are ranked by mean activation; each is scaled to its own
@@ -121,7 +122,7 @@ def round_robin(rows: list[Row], n: int) -> list[Row]:
 
 
 def draw_feature_maps(features: nn.Module, spec: TransformSpec, root, rows: list[Row], pixels: Callable, fm: FeatureMapsConfig,
-                      classes: list[str], compute: Compute, out_dir: Path) -> list[str]:
+                      classes: list[str], compute: Placement, out_dir: Path) -> list[str]:
     """Write ``feature_maps/<k>_<class>.png`` for ``fm.images`` of ``rows``; returns the files' names."""
     kept, xs = load_pixels(root, round_robin(rows, fm.images), pixels)
     names, module = [], None

@@ -26,10 +26,10 @@ from torch import nn
 
 from pipeline.config import VisualizeConfig
 from pipeline.fileio import write_json
+from pipeline.runtime import Placement
 from pipeline.visualize import optvis
 from pipeline.visualize.networks import (
     CPU,
-    Compute,
     class_probabilities,
     imagenet_categories,
 )
@@ -61,7 +61,7 @@ def ideal_images(
     l2_weight: float = 0.0,
     seed: int = 0,
     transforms=None,
-    compute: Compute = CPU,
+    compute: Placement = CPU,
     progress: bool = True,
 ) -> torch.Tensor:
     """One image per target class that maximises ``logit[target] - tv_weight·TV - l2_weight·L2``.
@@ -100,7 +100,7 @@ def ideal_images(
     return torch.cat(out)
 
 
-def judge_scores(judge: nn.Module, images: torch.Tensor, targets: list[int], compute: Compute = CPU) -> list[dict]:
+def judge_scores(judge: nn.Module, images: torch.Tensor, targets: list[int], compute: Placement = CPU) -> list[dict]:
     """An independent ImageNet network's view of each image: target probability, rank (1 = top), top class.
 
     Args:
@@ -142,7 +142,7 @@ class Group:
 
 
 def draw_ideal(groups: list[Group], v: VisualizeConfig, *, size: int, judge: nn.Module | None,
-               compute: Compute, out_dir: Path, progress: bool = True) -> dict:
+               compute: Placement, out_dir: Path, progress: bool = True) -> dict:
     """Draw, score and write every group's ideal images; returns what ideal.json holds.
 
     Writes ``ideal/<key>.png``, ``ideal_grid.png`` and ``ideal.json`` (per class:

@@ -6,14 +6,12 @@ every model here takes an image batch in [0, 1] and normalises inside
 (:func:`imagenet_model`) and a trained model's differentiable network from its
 bundle (:func:`head_model`, :mod:`pipeline.serve.bundle`).
 
-Where and in what precision they run is one :class:`Compute` (device and
-autocast), resolved once by the stage from ``visualize.device`` and
+Where and in what precision they run is one :class:`~pipeline.runtime.Placement`
+(device and autocast), resolved once by the stage from ``visualize.device`` and
 ``visualize.precision``.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -22,24 +20,12 @@ from torchvision.models import ResNet18_Weights
 
 from pipeline.backbones import Backbone
 from pipeline.errors import PipelineError
-from pipeline.runtime import Precision
+from pipeline.runtime import Placement
 from pipeline.serve.bundle import Bundle
 
 
-@dataclass(frozen=True)
-class Compute:
-    """Where the networks run: a device, and the precision of their forward passes."""
-
-    device: torch.device = torch.device("cpu")
-    precision: Precision = field(default_factory=lambda: Precision("fp32", "default"))
-
-    def autocast(self):
-        """The autocast context of the forward passes (a no-op for fp32)."""
-        return self.precision.autocast(self.device)
-
-
 #: fp32 on the CPU: what the library functions use unless told otherwise.
-CPU = Compute()
+CPU = Placement()
 
 
 class OnPixels(nn.Module):
@@ -110,7 +96,7 @@ def resize(x: torch.Tensor, size: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def class_probabilities(model: nn.Module, images: torch.Tensor, compute: Compute = CPU) -> torch.Tensor:
+def class_probabilities(model: nn.Module, images: torch.Tensor, compute: Placement = CPU) -> torch.Tensor:
     """Softmax of ``model`` on ``images``, on the CPU in float32.
 
     The images are resized to ``model.size`` first where the model has one

@@ -37,13 +37,12 @@ from pipeline.backbones import load_backbone
 from pipeline.config import AttackConfig, Config
 from pipeline.data.manifest import read_prepared
 from pipeline.errors import PipelineError
-from pipeline.runtime import resolve_device, resolve_precision
+from pipeline.runtime import Placement, place
 from pipeline.serve.bundle import load_bundle
 from pipeline.visualize.attack import correctly_classified, run_attack
 from pipeline.visualize.feature_maps import draw_feature_maps
 from pipeline.visualize.ideal import Group, draw_ideal
 from pipeline.visualize.networks import (
-    Compute,
     head_model,
     imagenet_categories,
     imagenet_model,
@@ -88,7 +87,7 @@ def _source_target(a: AttackConfig, classes: list[str]) -> tuple[int, int]:
     return source, target
 
 
-def _transfer(a: AttackConfig, classes: list[str], compute: Compute) -> nn.Module | None:
+def _transfer(a: AttackConfig, classes: list[str], compute: Placement) -> nn.Module | None:
     """The second network of ``attack.transfer_to`` + ``transfer_head`` on pixels, or None."""
     if not a.transfer_to:
         return None
@@ -119,8 +118,8 @@ def run_visualize(cfg: Config, *, prepared_dir="data/prepared", out_dir="reports
     """
     v, a = cfg.visualize, cfg.visualize.attack
     out_dir = Path(out_dir)
-    dev = resolve_device(v.device, "visualize.device")
-    compute = Compute(dev, resolve_precision(v.precision, dev, "visualize.precision"))
+    compute = place(v.device, v.precision, section="visualize")  # once, for every network of the stage
+    dev = compute.device
     prepared = read_prepared(prepared_dir)
     bb = load_backbone(cfg.backbone.name, cfg.backbone.weights, cfg.backbone.input_size)
     imagenet = imagenet_model(bb).to(dev) if v.imagenet_classes else None  # refuses weights without a classifier
@@ -129,8 +128,8 @@ def run_visualize(cfg: Config, *, prepared_dir="data/prepared", out_dir="reports
     head_ids = _head_classes(v.classes, classes, what)
     source, target = _source_target(a, classes)
     hmodel = head_model(bundle).to(dev)
-    print(f"visualize: {what} ({v.model}, {bb.name}, {len(classes)} classes) on {dev}, "
-          f"{compute.precision.name} ({compute.precision.reason})", flush=True)
+    print(f"visualize: {what} ({v.model}, {bb.name}, {len(classes)} classes) on {compute.describe()}",
+          flush=True)
 
     # Everything that can fail on a setting is loaded before the long optimisations.
     test, pixels = prepared.split("test"), bb.transform_spec.pixels()
