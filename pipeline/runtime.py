@@ -126,15 +126,17 @@ def place(device="auto", precision="auto", *, section: str, accepted: tuple = PR
 
     Args:
         section: the params section (``extract``, ``finetune``, ``visualize``)
-            or option (``predict --device``) the settings came from, named in errors.
+            or the command (``predict``, ``bench``) the settings came from, named in errors.
         accepted: :data:`EXTRACT_PRECISIONS` where int8 is allowed (inference only).
     """
     if isinstance(device, Placement):
         return device
-    key = section if section.startswith(("predict", "--")) else f"{section}.device"
+    # A params section names its keys (extract.device); a command its options (predict --device).
+    params = section in ("extract", "finetune", "visualize")
+    key = (lambda name: f"{section}.{name}") if params else (lambda name: f"{section} --{name}")
     # A torch.device names where the work runs elsewhere (Ray's GPU actors), taken as it is.
-    dev = device if isinstance(device, torch.device) else resolve_device(device, key)
-    prec = resolve_precision(precision, dev, f"{section.split()[0]}.precision", accepted)
+    dev = device if isinstance(device, torch.device) else resolve_device(device, key("device"))
+    prec = resolve_precision(precision, dev, key("precision"), accepted)
     return Placement(dev, prec, torch.get_num_threads())
 
 

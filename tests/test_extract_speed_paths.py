@@ -45,7 +45,7 @@ def lite0():
 
 def test_features_equal_the_straightforward_imagefolder_loop(tmp_path, catsdogs, lite0):
     """The lesson's loop: ImageFolder + DataLoader + the weights' transform, fp32, no_grad."""
-    from pipeline.bench import straightforward_loader
+    from pipeline.bench.extract import straightforward_loader
 
     sub = tmp_path / "sub"
     for cls in ("cat", "dog"):
@@ -269,7 +269,7 @@ def test_whole_process_bench_times_both_processes_on_the_same_photos(tmp_path, c
     """The benchmark's whole-process rows: the stage twice and the lesson loop, each a real process."""
     import shutil
 
-    from pipeline.bench_process import report, whole_process
+    from pipeline.bench.process import report, whole_process
 
     folder = tmp_path / "photos"
     for cls in ("cat", "dog"):
@@ -286,3 +286,33 @@ def test_whole_process_bench_times_both_processes_on_the_same_photos(tmp_path, c
     text = report(r, "efficientnet_lite0")
     assert "it held no compiled graph: the first run stayed eager" in text
     assert f"stage (warm) vs lesson loop: {r['lesson_s'] / r['stage_warm_s']:.2f}x" in text
+
+
+def test_every_bench_command_parses_its_options(capsys):
+    """One entry point: each command of ``python -m pipeline.bench`` imports and prints its --help."""
+    from pipeline.bench.__main__ import COMMANDS, main
+
+    for command in COMMANDS:
+        with pytest.raises(SystemExit) as exit_:
+            main([command, "--help"])
+        assert exit_.value.code == 0
+        assert f"python -m pipeline.bench {command}" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:
+        main(["no-such-command"])
+    assert exit_.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+def test_make_set_writes_distinct_variants_per_class(tmp_path, catsdogs):
+    from pipeline.bench.process import VARIANTS, make_set
+
+    src = tmp_path / "src"
+    for cls in ("cat", "dog"):
+        (src / cls).mkdir(parents=True)
+        for f in sorted((catsdogs / cls).iterdir())[:2]:
+            (src / cls / f.name).symlink_to(f)
+    n = make_set([src], tmp_path / "set", copies=3)
+    written = sorted(p.relative_to(tmp_path / "set") for p in (tmp_path / "set").rglob("*.jpg"))
+    assert n == len(written) == 2 * 2 * 3
+    assert {p.parts[0] for p in written} == {"cat", "dog"}
+    assert {p.stem.rsplit("_", 1)[1] for p in written} == {name for name, _ in VARIANTS[:3]}
+    assert len({hashlib.sha256((tmp_path / "set" / p).read_bytes()).hexdigest() for p in written}) == len(written)

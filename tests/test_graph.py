@@ -192,6 +192,18 @@ def test_accepted_values_in_config_match_their_implementations():
     assert set(config.ENGINES) == set(ENGINES)
 
 
+def test_devices_and_precisions_are_resolved_in_one_place():
+    """runtime.place is the one caller of the device and precision policy (outside runtime.py itself)."""
+    callers = []
+    for f in (ROOT / "pipeline").rglob("*.py"):
+        if f.name != "runtime.py":
+            tree = ast.parse(f.read_text(encoding="utf-8"))
+            callers += [f"{f.relative_to(ROOT)}:{n.lineno}" for n in ast.walk(tree) if isinstance(n, ast.Call)
+                        and getattr(n.func, "id", getattr(n.func, "attr", None)) in ("resolve_device",
+                                                                                       "resolve_precision")]
+    assert not callers, f"resolve with runtime.place instead: {callers}"
+
+
 def test_the_ray_executor_imports_nothing_of_the_local_one():
     """Both executors share the store and its writer (extract/store.py), not each other."""
     assert Path("pipeline/extract/local.py") not in closure("pipeline.extract.ray_executor")

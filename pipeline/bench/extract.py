@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m pipeline.bench extract --folder DIR --backbone NAME [--baseline]``.
+"""Extraction speed: ``python -m pipeline.bench extract --folder DIR --backbone NAME [--baseline]``.
 
 Prints, in one run on the same images:
 
@@ -8,25 +8,20 @@ Prints, in one run on the same images:
   network, HDF5), eager and compiled;
 * with ``--baseline``, the straightforward loop (ImageFolder + DataLoader +
   fp32 forward under no_grad);
-* the peak resident memory after the stage's code path ran.
-
-``python -m pipeline.bench incremental --folder DIR --backbone NAME [--add 10] [--repeat 10]``
-times adding images to an extracted set against the full extraction.
-
-``python -m pipeline.bench draft --folder DIR --backbone NAME [--upscale 3]``
-measures what reduced-scale JPEG decoding (draft mode) changes: feature rows
-and a logistic-regression head's test accuracy, with and without it.
+* the peak resident memory after the stage's code path ran;
+* with ``--whole-process``, first the whole-process timings of
+  ``python -m pipeline.bench process`` (``--whole-process-only``: only those).
 
 Compare figures within one run only: a shared machine is noisy.
+
+Example:
+    python -m pipeline.bench extract --folder ../shared/data/catsdogs --backbone efficientnet_lite0 --limit 32
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import os
 import resource
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,31 +29,13 @@ from pathlib import Path
 import torch
 
 from pipeline.backbones import load_backbone
-from pipeline.bench_process import report, whole_process
+from pipeline.bench import process
+from pipeline.bench.common import add_photo_arguments, describe_machine, folder_rows
 from pipeline.config import ExtractConfig
 from pipeline.data.images import load_rgb
-from pipeline.data.manifest import Row
 from pipeline.errors import PipelineError
-from pipeline.extract.cache import open_cache
 from pipeline.extract.local import extract_features
-from pipeline.heads.batch import make_head
-from pipeline.runtime import (
-    EXTRACT_PRECISIONS,
-    Precision,
-    Runner,
-    resolve_device,
-    resolve_precision,
-)
-
-
-def _rows(folder: Path, limit: int | None):
-    classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-    rows = []
-    for label, cls in enumerate(classes):
-        for f in sorted((folder / cls).iterdir()):
-            if f.is_file():
-                rows.append(Row(f"{cls}/{f.name}", label, "train", hashlib.sha256(f.read_bytes()).hexdigest()))
-    return classes, rows[:limit] if limit else rows
+from pipeline.runtime import EXTRACT_PRECISIONS, Precision, Runner, place
 
 
 def _model_only(model, batches, device, repeat=1) -> float:
@@ -80,14 +57,14 @@ def _model_only(model, batches, device, repeat=1) -> float:
 def bench_extract(folder, backbone, weights="DEFAULT", batch_size=32, device="auto", baseline=False,
                   limit=None, decode_threads=ExtractConfig.decode_threads, decoder="auto", workers=2, precision="auto") -> dict:
     folder = Path(folder)
-    dev = resolve_device(device, "--device")
-    prec = resolve_precision(precision, dev, "--precision", EXTRACT_PRECISIONS)
-    classes, rows = _rows(folder, limit)
+    where = place(device, precision, section="bench", accepted=EXTRACT_PRECISIONS)
+    dev, prec = where.device, where.precision
+    classes, rows = folder_rows(folder, limit)
     bb = load_backbone(backbone, weights)
     n = len(rows)
     print(
-        f"bench extract: {backbone} ({bb.weights}) on {n} images from {folder}; device {dev}, "
-        f"{torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs, torch {torch.__version__}, batch {batch_size}",
+        f"bench extract: {backbone} ({bb.weights}) on {n} images from {folder}; {describe_machine(dev)}, "
+        f"batch {batch_size}",
         flush=True,
     )
     out: dict = {"n_images": n}
@@ -118,7 +95,7 @@ def bench_extract(folder, backbone, weights="DEFAULT", batch_size=32, device="au
     cl = [b.contiguous(memory_format=torch.channels_last) for b in batches]
     ceil: dict = {}
     for name in ("fp32", "bf16"):
-        p = resolve_precision(name, dev, "--precision")
+        p = place(dev, name, section="bench").precision
         with p.autocast(dev):
             ceil[f"{name}_eager"] = _model_only(model, cl, dev)
             t = time.perf_counter()
@@ -203,118 +180,8 @@ def _baseline(folder, bb, dev, batch_size, workers, limit) -> float:
     return n / (time.perf_counter() - start)
 
 
-def bench_draft(folder, backbone, weights="DEFAULT", upscale=1, test_fraction=0.3, seed=0) -> dict:
-    """Effect of reduced-scale JPEG decoding on features and on a logreg head's accuracy.
-
-    With ``upscale`` > 1 every photo is first enlarged (Lanczos, re-saved as
-    JPEG quality 95 in a temporary folder) so that draft mode applies to all of
-    them, as it does to camera photos.
-    """
-    import numpy as np
-    from PIL import Image
-    from sklearn.model_selection import train_test_split
-
-
-
-    bb = load_backbone(backbone, weights)
-    with tempfile.TemporaryDirectory() as tmp:
-        src = Path(folder)
-        if upscale != 1:
-            big = Path(tmp) / "big"
-            for f in src.rglob("*"):
-                if f.is_file():
-                    dest = big / f.relative_to(src)
-                    dest.parent.mkdir(parents=True, exist_ok=True)
-                    im = Image.open(f).convert("RGB")
-                    im.resize((im.width * upscale, im.height * upscale), Image.LANCZOS).save(dest, "JPEG", quality=95)
-            src = big
-        classes, rows = _rows(src, None)
-        labels = [r.label for r in rows]
-        train, test = train_test_split(range(len(rows)), test_size=test_fraction, stratify=labels, random_state=seed)
-        split = {i: "train" for i in train} | {i: "test" for i in test}
-        rows = [r._replace(split=split[i]) for i, r in enumerate(rows)]
-        out = {}
-        feats = {}
-        for decoder in ("pillow-exact", "pillow"):
-            path = Path(tmp) / f"{decoder}.h5"
-            res = extract_features(bb, root=src, rows=rows, classes=classes, out_path=path, decoder=decoder,
-                                   compile=False)
-            fs = open_cache(path)
-            feats[decoder] = fs.features
-            Xtr, ytr = fs.subset("train")
-            Xte, yte = fs.subset("test")
-            acc = make_head("logreg", C=[0.01, 0.1, 1.0], cv_folds=3, y=ytr).fit(Xtr, ytr).score(Xte, yte)
-            out[decoder] = {"images_per_second": res.images_per_second, "logreg_accuracy": acc}
-        a, b = feats["pillow-exact"], feats["pillow"]
-        cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
-        changed = int((np.abs(a - b).max(1) > 1e-4).sum())
-    print(
-        f"bench draft: {backbone} on {len(rows)} images of {folder} (upscale x{upscale}): "
-        f"{changed} feature rows changed, min cosine similarity {cos.min():.4f}",
-        flush=True,
-    )
-    for decoder, m in out.items():
-        print(f"  {decoder:13s} {m['images_per_second']:6.1f} images/s, logreg test accuracy {m['logreg_accuracy']:.4f}")
-    out["changed_rows"] = changed
-    return out
-
-
-def bench_incremental(folder, backbone, weights="DEFAULT", add=10, repeat=1) -> dict:
-    """Cost of adding ``add`` images to an extracted set, against the full extraction.
-
-    With ``repeat`` > 1 the set is the folder repeated that many times (each copy
-    a distinct file: one byte appended after the JPEG data), in a temporary folder.
-    """
-    import numpy as np
-
-
-    with tempfile.TemporaryDirectory() as tmp:
-        src = Path(folder)
-        if repeat > 1:
-            big = Path(tmp) / "set"
-            for f in src.rglob("*"):
-                if f.is_file():
-                    data = f.read_bytes()
-                    for k in range(repeat):
-                        dest = big / f.relative_to(src).parent / f"{k}_{f.name}"
-                        dest.parent.mkdir(parents=True, exist_ok=True)
-                        dest.write_bytes(data + bytes([k % 256]) * (k > 0))
-            src = big
-        classes, rows = _rows(src, None)
-        rng = np.random.default_rng(0)
-        held = set(rng.choice(len(rows), size=add, replace=False).tolist())
-        first = [r for i, r in enumerate(rows) if i not in held]
-        store = Path(tmp) / "store"
-
-        def run(rows_, name, store_dir):
-            t = time.perf_counter()
-            bb = load_backbone(backbone, weights)  # the stage loads the network each run too
-            res = extract_features(bb, root=src, rows=rows_, classes=classes, out_path=Path(tmp) / name,
-                                   store_dir=store_dir, compile=False)
-            return res, time.perf_counter() - t
-
-        full, t_full = run(first, "full.h5", store)
-        more, t_more = run(rows, "more.h5", store)
-        scratch, t_scratch = run(rows, "scratch.h5", None)
-        a, b = open_cache(Path(tmp) / "more.h5"), open_cache(Path(tmp) / "scratch.h5")
-        same = list(a.paths) == list(b.paths) and bool(np.allclose(a.features, b.features, rtol=1e-4, atol=1e-5))
-    print(
-        f"bench incremental: {backbone}, {len(first)} images extracted in {t_full:.1f} s; adding {add}: "
-        f"{more.n_computed} computed in {t_more:.1f} s ({100 * t_more / t_full:.1f}% of the full run); "
-        f"equals a from-scratch extraction ({t_scratch:.1f} s) row for row: {same}",
-        flush=True,
-    )
-    return {"full_s": t_full, "add_s": t_more, "computed": more.n_computed, "same": same}
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="what", required=True)
-    p = sub.add_parser("extract", help="images/s of feature extraction")
-    p.add_argument("--folder", required=True, help="a <class>/<image> folder")
-    p.add_argument("--backbone", required=True)
-    p.add_argument("--weights", default="DEFAULT")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_photo_arguments(p)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", help="auto | fp32 | bf16 | int8, as extract.precision")
@@ -327,29 +194,13 @@ def main(argv=None) -> None:
                    help="also time the stage and the lesson loop as whole processes (start to exit)")
     p.add_argument("--whole-process-only", action="store_true",
                    help="only the whole processes (e.g. once more with --precision int8)")
-    d = sub.add_parser("draft", help="effect of reduced-scale JPEG decoding on accuracy")
-    d.add_argument("--folder", required=True)
-    d.add_argument("--backbone", required=True)
-    d.add_argument("--weights", default="DEFAULT")
-    d.add_argument("--upscale", type=int, default=1, help="enlarge every photo first, so draft mode applies")
-    i = sub.add_parser("incremental", help="cost of adding images to an extracted set")
-    i.add_argument("--folder", required=True)
-    i.add_argument("--backbone", required=True)
-    i.add_argument("--weights", default="DEFAULT")
-    i.add_argument("--add", type=int, default=10)
-    i.add_argument("--repeat", type=int, default=1, help="use the folder repeated N times (distinct files)")
-    a = parser.parse_args(argv)
-    if a.what == "incremental":
-        bench_incremental(a.folder, a.backbone, a.weights, a.add, a.repeat)
-        return
-    if a.what == "draft":
-        bench_draft(a.folder, a.backbone, a.weights, a.upscale)
-        return
+
+
+def run(a: argparse.Namespace) -> dict:
     if a.whole_process or a.whole_process_only:
-        r = whole_process(a.folder, a.backbone, a.weights, a.precision, a.decoder, lesson=a.baseline)
-        print(report(r, a.backbone), flush=True)
+        r = process.run(a)
         if a.whole_process_only:
-            return
+            return r
     out = bench_extract(a.folder, a.backbone, a.weights, a.batch_size, a.device, a.baseline, a.limit,
                         a.decode_threads, a.decoder, a.workers, a.precision)
     if a.whole_process:
@@ -357,7 +208,4 @@ def main(argv=None) -> None:
         print(f"  stage's network phase (warm run: decoding + network, {r['stage_warm_ips']:.1f} images/s) / "
               f"best fp32/bf16 model-only ceiling: {100 * r['stage_warm_ips'] / best:.0f}%; "
               f"whole process (warm, start to exit): {100 * r['images'] / r['stage_warm_s'] / best:.0f}%", flush=True)
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])
+    return out

@@ -1,17 +1,19 @@
 """Heads on one backbone or several, compared by outer cross-validation.
 
-``python -m pipeline.bench_heads --folder PHOTOS --backbones efficientnet_lite0 efficientnet_lite2``
+``python -m pipeline.bench heads --folder PHOTOS --backbones efficientnet_lite0 efficientnet_lite2``
 extracts each backbone once (the per-image store makes re-runs free), then
 scores logistic regression (C chosen by inner CV, as the train_heads stage does)
 with stratified 5-fold outer cross-validation on every backbone alone and on
 all of them concatenated: small photo sets move a single test split by several
 points per photo, so every image is scored once, out of fold.
+
+Example:
+    python -m pipeline.bench heads --folder ../shared/data/catsdogs --backbones efficientnet_lite0 --folds 3
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
@@ -51,15 +53,11 @@ def compare(folder, backbones: list[str], folds: int = 5, seed: int = 0, store=N
     return results
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.bench_heads", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--folder", required=True, help="a <class>/<image> folder")
     parser.add_argument("--backbones", nargs="+", required=True)
     parser.add_argument("--folds", type=int, default=5)
-    a = parser.parse_args(argv)
+
+
+def run(a: argparse.Namespace) -> dict:
     return compare(a.folder, a.backbones, a.folds)
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

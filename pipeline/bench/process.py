@@ -1,7 +1,7 @@
 """Whole-process timings: what a user waits for, from process start to exit.
 
-``python -m pipeline.bench extract --whole-process`` runs, in one sitting on
-the same photos:
+``python -m pipeline.bench process`` (or ``extract --whole-process``) runs, in one
+sitting on the same photos:
 
 - the ``extract`` stage as a subprocess (``python -m stages.extract`` in a
   scratch project) with an empty feature store, twice: first with an empty
@@ -13,26 +13,27 @@ the same photos:
 Both count imports, model loading, compilation and writing. ``make_set``
 builds a larger set of distinct files from a few photos (re-encoded, flipped,
 cropped, rescaled), since the stage computes identical files only once.
+
+Example:
+    python -m pipeline.bench process --folder ../shared/data/catsdogs --backbone efficientnet_lite0 --baseline
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 from pathlib import Path
 
 import yaml
 from PIL import Image, ImageOps
 
+from pipeline.bench.common import ROOT, add_photo_arguments, rewrite_folder, timed_run
 from pipeline.data.sources import prepare
 from pipeline.runtime import compile_cache_warm
-
-ROOT = Path(__file__).resolve().parents[1]
 
 #: The variants make_set writes of each photo: every one is a different file.
 VARIANTS = (
@@ -47,17 +48,15 @@ VARIANTS = (
 
 def make_set(sources: list[Path], dest: Path, copies: int = len(VARIANTS)) -> int:
     """Write ``copies`` distinct JPEG variants of every ``<class>/<image>`` of ``sources`` into ``dest``."""
-    n = 0
-    for src in sources:
-        for f in sorted(p for p in Path(src).rglob("*") if p.is_file()):
-            cls = f.parent.name
-            (dest / cls).mkdir(parents=True, exist_ok=True)
-            with Image.open(f) as im:
-                im = im.convert("RGB")
-                for name, change in VARIANTS[:copies]:
-                    change(im).save(dest / cls / f"{f.stem}_{name}.jpg", quality=75 if "75" in name else 90)
-                    n += 1
-    return n
+
+    def variants(f: Path, out: Path) -> int:
+        with Image.open(f) as im:
+            im = im.convert("RGB")
+            for name, change in VARIANTS[:copies]:
+                change(im).save(out / f"{f.stem}_{name}.jpg", quality=75 if "75" in name else 90)
+        return len(VARIANTS[:copies])
+
+    return sum(rewrite_folder(src, dest, variants) for src in sources)
 
 
 LESSON_LOOP = textwrap.dedent(
@@ -65,7 +64,7 @@ LESSON_LOOP = textwrap.dedent(
     import sys, time
     import torch
     from pipeline.backbones import load_backbone
-    from pipeline.bench import straightforward_loader
+    from pipeline.bench.extract import straightforward_loader
     bb = load_backbone(sys.argv[2], sys.argv[3])
     ds, loader = straightforward_loader(sys.argv[1], bb.transform_spec, batch_size=32, workers=2)
     model = bb.features.eval()
@@ -76,14 +75,6 @@ LESSON_LOOP = textwrap.dedent(
     print(n)
     """
 )
-
-
-def _timed(cmd, cwd, env) -> tuple[float, str]:
-    t = time.perf_counter()
-    res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    if res.returncode:
-        raise RuntimeError(f"{' '.join(map(str, cmd))} failed:\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}")
-    return time.perf_counter() - t, res.stdout + res.stderr
 
 
 def whole_process(folder, backbone: str, weights: str = "DEFAULT", precision: str = "auto",
@@ -100,7 +91,8 @@ def whole_process(folder, backbone: str, weights: str = "DEFAULT", precision: st
         (tmp / "params.yaml").write_text(yaml.safe_dump(params))
         env = dict(os.environ, PYTHONPATH=str(ROOT), TORCHINDUCTOR_CACHE_DIR=str(tmp / "inductor"))
         for run in ("cold", "warm"):
-            seconds, log = _timed([sys.executable, "-m", "stages.extract"], tmp, env)
+            seconds, stdout, stderr = timed_run([sys.executable, "-m", "stages.extract"], tmp, env)
+            log = stdout + stderr
             stats = json.loads((tmp / "reports/extract.json").read_text())["extract"]
             out[f"stage_{run}_s"] = seconds
             out[f"stage_{run}_ips"] = stats["images_per_second"]  # the network phase: decoding + network
@@ -111,8 +103,8 @@ def whole_process(folder, backbone: str, weights: str = "DEFAULT", precision: st
             if run == "cold":  # an eager first run leaves nothing for the second to reuse
                 out["compiled_graphs_left"] = compile_cache_warm(env["TORCHINDUCTOR_CACHE_DIR"])
         if lesson:
-            out["lesson_s"], _ = _timed([sys.executable, "-c", LESSON_LOOP, str(folder), backbone, weights],
-                                        tmp, env)
+            out["lesson_s"], _, _ = timed_run([sys.executable, "-c", LESSON_LOOP, str(folder), backbone, weights],
+                                              tmp, env)
     return out
 
 
@@ -131,3 +123,17 @@ def report(r: dict, backbone: str) -> str:
                      f"({n / r['lesson_s']:.1f} img/s)")
         lines.append(f"  stage (warm) vs lesson loop: {r['lesson_s'] / r['stage_warm_s']:.2f}x")
     return "\n".join(lines)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_photo_arguments(p)
+    p.add_argument("--precision", default="auto", help="auto | fp32 | bf16 | int8, as extract.precision")
+    p.add_argument("--decoder", default="auto")
+    p.add_argument("--baseline", action="store_true", help="also time the lesson loop as a whole process")
+
+
+def run(a: argparse.Namespace) -> dict:
+    """Also ``extract --whole-process``'s first part: ``a`` may hold extract's options too."""
+    r = whole_process(a.folder, a.backbone, a.weights, a.precision, a.decoder, lesson=a.baseline)
+    print(report(r, a.backbone), flush=True)
+    return r

@@ -1,4 +1,4 @@
-"""What a new C costs: ``python -m pipeline.bench_repro --folder PHOTOS``.
+"""What a new C costs: ``python -m pipeline.bench repro --folder PHOTOS``.
 
 A user's session, timed as whole ``dvc repro`` processes in a scratch git +
 DVC project holding this pipeline:
@@ -12,7 +12,7 @@ edit should cost a small share of the first run (only ``train_heads@logreg``
 and ``evaluate@logreg`` re-run; ``prepare`` always re-scans the folder).
 
 Example:
-    python -m pipeline.bench_repro --folder ../shared/data/catsdogs --set visualize.steps=64
+    python -m pipeline.bench repro --folder ../shared/data/catsdogs --set visualize.steps=64
 """
 
 from __future__ import annotations
@@ -22,23 +22,24 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from pipeline.bench.common import ROOT, ProcessFailed, timed_run
+
+
+def _timed(cwd: Path, *args: str) -> tuple[float, str]:
+    """Wall seconds and stdout of ``args`` run in ``cwd``, with analytics off and a git identity."""
+    env = dict(os.environ, DVC_NO_ANALYTICS="1", GIT_AUTHOR_NAME="bench", GIT_AUTHOR_EMAIL="bench@localhost",
+               GIT_COMMITTER_NAME="bench", GIT_COMMITTER_EMAIL="bench@localhost")
+    seconds, stdout, _ = timed_run(list(args), cwd, env)
+    return seconds, stdout
 
 
 def _run(cwd: Path, *args: str) -> str:
-    env = dict(os.environ, DVC_NO_ANALYTICS="1", GIT_AUTHOR_NAME="bench", GIT_AUTHOR_EMAIL="bench@localhost",
-               GIT_COMMITTER_NAME="bench", GIT_COMMITTER_EMAIL="bench@localhost")
-    res = subprocess.run(list(args), cwd=cwd, env=env, capture_output=True, text=True)
-    if res.returncode != 0:
-        raise SystemExit(f"{' '.join(args)} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
-    return res.stdout
+    return _timed(cwd, *args)[1]
 
 
 def _set(params: dict, dotted: str, value) -> None:
@@ -71,20 +72,28 @@ def _commit(path: Path, message: str) -> None:
 
 def timed_repro(path: Path) -> tuple[float, list[str]]:
     """Wall seconds of a plain ``dvc repro``, and the stages it ran, in order."""
-    t0 = time.perf_counter()
-    out = _run(path, "dvc", "repro")
-    return time.perf_counter() - t0, re.findall(r"Running stage '([^']+)'", out)
+    seconds, out = _timed(path, "dvc", "repro")
+    return seconds, re.findall(r"Running stage '([^']+)'", out)
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--folder", type=Path, required=True, help="photos, one sub-folder per class")
     ap.add_argument("--backbone", default="efficientnet_lite0")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="more params.yaml settings for both runs (YAML values), e.g. visualize.steps=64")
     ap.add_argument("--C", type=float, default=0.5, help="the new heads.train.logreg.C")
     ap.add_argument("--keep", type=Path, help="build the project here and keep it (default: a temporary folder)")
-    args = ap.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> dict:
+    """The two runs; a failed ``git`` or ``dvc`` command ends it with its output's last lines."""
+    try:
+        return _session(args)
+    except ProcessFailed as e:
+        raise SystemExit(str(e)) from None
+
+
+def _session(args: argparse.Namespace) -> dict:
     overrides = {"data.source": "folder", "data.folder": str(args.folder.resolve()),
                  "backbone.name": args.backbone, "backbone.weights": "DEFAULT", "extract.store": ""}
     for item in args.set:
@@ -104,9 +113,7 @@ def main(argv=None) -> None:
         edit, ran_edit = timed_repro(path)
         print(f"after heads.train.logreg.C: [{args.C}]: {edit:.1f} s, ran {', '.join(ran_edit)}")
         print(f"ratio: {edit / first:.1%} of the first run")
-        print(json.dumps({"first_seconds": round(first, 1), "edit_seconds": round(edit, 1),
-                          "ratio": round(edit / first, 4), "ran_first": ran_first, "ran_edit": ran_edit}))
-
-
-if __name__ == "__main__":
-    main()
+        result = {"first_seconds": round(first, 1), "edit_seconds": round(edit, 1),
+                  "ratio": round(edit / first, 4), "ran_first": ran_first, "ran_edit": ran_edit}
+        print(json.dumps(result))
+    return result

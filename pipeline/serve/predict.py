@@ -116,7 +116,7 @@ def run_predict(
     err = err or sys.stderr
     if not isinstance(top_k, int) or top_k < 1:
         raise PipelineError(f"--top-k must be a whole number >= 1, found {top_k!r}")
-    where = place(device, "fp32", section="predict --device")  # scores are fp32, as evaluate's
+    where = place(device, "fp32", section="predict")  # scores are fp32, as evaluate's
     project = Path(project)
     files, failed = collect(paths)
     m = load_bundle(project / "models", model or best_model(project)).to(where.device)
