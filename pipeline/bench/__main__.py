@@ -25,6 +25,7 @@ COMMANDS = {
     "repro": "what a new C costs: a first dvc repro, then one after a head's edit",
     "heads": "heads on one backbone or several, by outer cross-validation",
     "visualize": "do ideal class images look like their class to another network?",
+    "same": "did a change of structure change any result? fp32 features and heads against a git revision",
 }
 
 
