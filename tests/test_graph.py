@@ -204,6 +204,12 @@ def test_devices_and_precisions_are_resolved_in_one_place():
     assert not callers, f"resolve with runtime.place instead: {callers}"
 
 
+def test_fine_tuning_imports_no_stage_module():
+    """Fine-tuning scores with pipeline.metrics, below evaluate: an edit of evaluate never re-runs it."""
+    stage_modules = {Path("pipeline/evaluate.py"), Path("pipeline/extract/stage.py"), Path("pipeline/visualize/stage.py")}
+    assert not closure("pipeline.finetune.stage") & stage_modules
+
+
 def test_the_ray_executor_imports_nothing_of_the_local_one():
     """Both executors share the store and its writer (extract/store.py), not each other."""
     assert Path("pipeline/extract/local.py") not in closure("pipeline.extract.ray_executor")
