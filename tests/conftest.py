@@ -196,6 +196,7 @@ def project(tmp_path) -> Project:
     p = Project(path)
     p.run("git", "init", "-q", "-b", "main")
     p.dvc("init", "-q")
-    p.dvc("config", "core.analytics", "false")
+    # The project's own DVC settings (analytics off, the offline plots page).
+    shutil.copy2(ROOT / ".dvc" / "config", path / ".dvc" / "config")
     p.commit("pipeline")
     return p
