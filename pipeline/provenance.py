@@ -26,6 +26,16 @@ def git_commit(cwd=".") -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+def _features_record(attrs: dict, extra_backbones) -> dict:
+    """What a cache with attributes ``attrs`` (and ``heads.backbones``) says about the features: the compared part."""
+    record = {k: attrs[k] for k in CHECKED_ATTRS if k in attrs}
+    for k, v in record.items():  # numpy scalars from HDF5 attributes, as plain JSON values
+        if hasattr(v, "item"):
+            record[k] = v.item()
+    record["heads_backbones"] = list(extra_backbones)
+    return record
+
+
 def made_from(attrs: dict, extra_backbones=()) -> dict:
     """The record of a head or report made from a cache with attributes ``attrs``.
 
@@ -33,22 +43,18 @@ def made_from(attrs: dict, extra_backbones=()) -> dict:
     :func:`~pipeline.extract.cache.concatenate`); ``extra_backbones`` is
     ``heads.backbones``, the caches after the first.
     """
-    record = {k: attrs[k] for k in CHECKED_ATTRS if k in attrs}
-    for k, v in record.items():  # numpy scalars from HDF5 attributes, as plain JSON values
-        if hasattr(v, "item"):
-            record[k] = v.item()
-    record["heads_backbones"] = list(extra_backbones)
-    record["git_commit"] = git_commit()
-    return record
+    return dict(_features_record(attrs, extra_backbones), git_commit=git_commit())
 
 
 def check_made_from(recorded: dict, attrs: dict, extra_backbones, what: str, against: str) -> None:
     """Refuse ``what`` (a head) whose record differs from the features ``against`` (a cache) it is scored on.
 
+    The git commit is not compared: it says where a record was made, not what from.
+
     Raises:
         PipelineError: one line naming the first differing key and both values.
     """
-    now = made_from(attrs, extra_backbones)
+    now = _features_record(attrs, extra_backbones)
     for key in (*CHECKED_ATTRS, "heads_backbones"):
         if key not in now and key not in recorded:
             continue
