@@ -24,11 +24,6 @@ ENV = "TL_RECORD_PARAMS"
 _reads: set[str] | None = None
 
 
-def note(key: str) -> None:
-    if _reads is not None:
-        _reads.add(key)
-
-
 def start() -> None:
     """Record from now on, if ``TL_RECORD_PARAMS`` names a folder; write the record at exit."""
     global _reads

@@ -71,8 +71,13 @@ def rows_sha256(classes: Sequence[str], rows: Sequence[Row]) -> str:
     """
     h = hashlib.sha256(json.dumps(list(classes), ensure_ascii=False).encode("utf-8"))
     for r in rows:
-        h.update(f"\n{r.path}\t{r.label}\t{r.split}\t{r.sha256}".encode("utf-8"))
+        h.update(row_bytes(r))
     return h.hexdigest()
+
+
+def row_bytes(row: Row) -> bytes:
+    """A row's fields as the bytes the manifest's and a cache's content hashes are computed over."""
+    return f"\n{row.path}\t{row.label}\t{row.split}\t{row.sha256}".encode("utf-8")
 
 
 def read_prepared(out_dir) -> Prepared:

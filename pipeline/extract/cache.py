@@ -38,7 +38,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from pipeline.data.manifest import Row, read_prepared, rows_sha256
+from pipeline.data.manifest import Row, read_prepared, row_bytes, rows_sha256
 from pipeline.errors import PipelineError
 from pipeline.fileio import file_stem, write_json
 
@@ -180,7 +180,7 @@ class CacheWriter:
         self.n += k
         self._sha.update(np.ascontiguousarray(features, dtype="<f4").tobytes())
         for r in rows:
-            self._sha.update(f"\n{r.path}\t{r.label}\t{r.split}\t{r.sha256}".encode("utf-8"))
+            self._sha.update(row_bytes(r))
         for name, data in dict(_columns(rows), features=features).items():
             ds = self.h5[name]
             ds.resize(self.n, axis=0)
