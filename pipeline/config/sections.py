@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.config.checks import (
     DECODERS, ENGINES, EXTRACT_PRECISIONS, HEAD_KINDS, MODEL_SUFFIXES, PARAMETERISATIONS, SOURCES, Section, _bad, _choice,
-    _device, _int, _is_int, _is_num, _num, check_precision, check_split_params, runtime,
+    _device, _int, _is_int, _is_num, _num, check_grid, check_precision, check_split_params, runtime,
 )
 from pipeline.config.reads import Recorded
 from pipeline.errors import PipelineError
@@ -110,10 +109,7 @@ class HeadConfig(Section):
         if kind not in HEAD_KINDS:
             raise PipelineError(f"{where}.kind must be one of {', '.join(HEAD_KINDS)}, found {kind!r}"
                                 + ("" if self.kind else " (taken from the head's name: set kind)"))
-        C = HEAD_KINDS[kind]["C"] if self.C is None else self.C
-        grid = [C] if isinstance(C, numbers.Real) else (list(C) if isinstance(C, (list, tuple)) else None)
-        if not grid or not all(_is_num(c) and c > 0 for c in grid):
-            raise _bad(f"{where}.C", "a positive number or a list of them", C)
+        grid = check_grid(name, HEAD_KINDS[kind]["C"] if self.C is None else self.C)
         max_iter = HEAD_KINDS[kind]["max_iter"] if self.max_iter is None else self.max_iter
         _int(where, "max_iter", max_iter, lo=1)
         checked = HeadConfig(kind=kind, C=tuple(float(c) for c in grid), max_iter=int(max_iter))

@@ -16,8 +16,9 @@ from sklearn.model_selection import GridSearchCV, StratifiedKFold
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
+from pipeline.config.checks import check_grid
 from pipeline.errors import PipelineError
-from pipeline.heads.registry import KINDS, check_grid, check_kind
+from pipeline.heads.registry import KINDS, check_kind
 
 
 def make_head(kind: str, *, C, max_iter: int = 2000, cv_folds: int = 5, seed: int = 0, y=None) -> GridSearchCV:

@@ -16,7 +16,6 @@ head of an existing kind: one entry under ``heads.train`` in params.yaml.
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -57,14 +56,6 @@ def check_kind(kind: str) -> str:
     if kind not in KINDS:
         raise PipelineError(f"unknown head kind '{kind}'; accepted: {', '.join(KINDS)}")
     return kind
-
-
-def check_grid(name: str, C) -> list:
-    """``heads.train.<name>.C`` as a list of candidates: a positive number or a non-empty list of them."""
-    grid = [C] if np.isscalar(C) else list(C)
-    if not grid or not all(isinstance(c, numbers.Real) and not isinstance(c, bool) and c > 0 for c in grid):
-        raise PipelineError(f"heads.train.{name}.C must be a positive number or a list of them, found {C!r}")
-    return grid
 
 
 def check_train_labels(y: np.ndarray, classes: list[str], source) -> None:

@@ -50,10 +50,11 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils.metaestimators import available_if
 from sklearn.utils.validation import check_is_fitted
 
+from pipeline.config.checks import check_grid
 from pipeline.data.manifest import stratified_holdout
 from pipeline.errors import PipelineError
 from pipeline.extract.cache import StreamedFeatures
-from pipeline.heads.registry import KINDS, check_grid, check_kind, check_train_labels
+from pipeline.heads.registry import KINDS, check_kind, check_train_labels
 
 
 def _whole(value, lo: int) -> bool:

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from pipeline.config.checks import check_grid
 from pipeline.extract.cache import open_cache
 from pipeline.fileio import write_json
 from pipeline.heads.batch import make_head
 from pipeline.heads.model import head_path, save_head
-from pipeline.heads.registry import check_grid, check_kind, check_train_labels
+from pipeline.heads.registry import check_kind, check_train_labels
 from pipeline.heads.streaming import StreamingHead
 from pipeline.provenance import made_from
 
