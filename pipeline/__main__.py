@@ -1,7 +1,8 @@
 """Command line.
 
 ``python -m pipeline backbones`` lists the backbone registry (``--show NAME``: one in detail);
-``python -m pipeline predict PATH ...`` classifies photos with a trained model.
+``python -m pipeline predict PATH ...`` classifies photos with a trained model;
+``python -m pipeline export MODEL --format onnx`` writes a model folder as one ONNX graph.
 """
 
 from __future__ import annotations
@@ -35,6 +36,13 @@ def _predict(args) -> None:
     )
 
 
+def _export(args) -> None:
+    # Imported on use: the exporter loads onnx, which the other commands never need.
+    from pipeline.serve.export import run_export
+
+    run_export(model=args.model, fmt=args.format, out=args.out, check=args.check)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -58,16 +66,29 @@ def main(argv=None) -> None:
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files, or folders searched recursively")
     p.add_argument(
         "--model",
-        metavar="NAME",
-        help="a head of heads.train (logreg, svm, ...: models/<NAME>.joblib) or finetune; default: the best by "
-        "test accuracy in reports/metrics_<head>.json and reports/finetune_metrics.json",
+        metavar="FOLDER",
+        help="a model folder (models/logreg, or a copy of one anywhere), or a name in PROJECT/models (logreg, svm, "
+        "..., finetune); default: the best in PROJECT/models by the test accuracy its config.json records",
     )
     p.add_argument("--top-k", type=int, default=3, help="classes shown per image (default 3)")
     p.add_argument("--json", action="store_true", help="one JSON document on stdout")
-    p.add_argument("--project", default=".", help="folder with models/ and reports/ (default .)")
+    p.add_argument("--project", default=".", help="folder with models/, for a --model name or none (default .)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     p.add_argument("--batch-size", type=int, default=32)
     p.set_defaults(func=_predict)
+    e = sub.add_parser(
+        "export",
+        help="write a model folder as one ONNX graph (normalised images -> class probabilities)",
+        description="Export backbone + head (or the fine-tuned network) with a dynamic batch dimension. The graph "
+        "is kept only if onnxruntime's scores match the model's within 1e-4 with the same top-1, on a random "
+        "batch and on the --check photos. Needs the onnx extra: pip install 'transfer-pipeline[onnx]'.",
+    )
+    e.add_argument("model", metavar="FOLDER", help="a model folder: models/logreg, models/finetune, or a copy")
+    e.add_argument("--format", default="onnx", help="onnx (the only format for now)")
+    e.add_argument("--out", metavar="FILE", help="the file to write (default: <model name>.onnx here)")
+    e.add_argument("--check", nargs="*", default=[], metavar="PATH",
+                   help="photos (files or folders) the parity check also runs on")
+    e.set_defaults(func=_export)
     args = parser.parse_args(argv)
     run_stage(lambda: args.func(args))
 

@@ -10,7 +10,10 @@ to be scored again on every test photo.
 
 Outputs, per head: ``reports/metrics_<head>.json`` (the metrics under the
 head's name, and ``made_from``), ``per_class_<head>.csv`` and
-``confusion_<head>.csv``.
+``confusion_<head>.csv``; and the head's model folder ``models/<head>/``: the
+fitted head of ``data/heads/<head>/`` with its test metrics and what it was
+trained on in ``config.json`` and its model card. A head reaches ``models/``
+only once it has been scored.
 """
 
 from __future__ import annotations
@@ -22,12 +25,13 @@ from pipeline.errors import PipelineError
 from pipeline.extract.cache import head_features_paths, open_cache
 from pipeline.fileio import write_csv, write_json
 from pipeline.heads.model import head_path, load_head, scores
+from pipeline.model_folder import model_card, weights_path, write_model
 from pipeline.metrics import head_metrics, per_class_rows
-from pipeline.provenance import check_made_from, made_from
+from pipeline.provenance import check_made_from, made_from, trained_on
 
 
-def run_evaluate(cfg: Config, name: str, *, features_dir, models_dir, reports_dir) -> dict:
-    """Score the head ``name`` (of ``heads.train``) on the test split and write its reports.
+def run_evaluate(cfg: Config, name: str, *, features_dir, heads_dir, prepared_dir, models_dir, reports_dir) -> dict:
+    """Score the head ``name`` (of ``heads.train``) on the test split; write its reports and its model folder.
 
     Args:
         cfg: reads ``backbone.name`` and ``heads.backbones`` (which caches),
@@ -51,11 +55,10 @@ def run_evaluate(cfg: Config, name: str, *, features_dir, models_dir, reports_di
     X, y = (None, fs.labels_of("test")) if streamed else fs.subset("test")
     if len(y) == 0:
         raise PipelineError(f"{features_file[0]} has no test rows; check the prepare stage's split")
-    path = head_path(models_dir, name)
-    head = load_head(path, {"classes": fs.classes})
+    path = head_path(heads_dir, name)
+    estimator, config = load_head(path, {"classes": fs.classes})
     cache = " + ".join(map(str, features_file))
-    check_made_from(head["provenance"], fs.attrs, extra, f"head {path}", cache)
-    estimator = head["estimator"]
+    check_made_from(config["made_from"], fs.attrs, extra, f"head {path}", cache)
     if streamed:
         _, pred, s = fs.predict(estimator, "test", scores)
     else:
@@ -69,6 +72,10 @@ def run_evaluate(cfg: Config, name: str, *, features_dir, models_dir, reports_di
     # Keyed by the head's name, so that `dvc metrics show` lines logreg.accuracy up with
     # finetune.accuracy; made_from names the features and commit the numbers belong to.
     write_json(reports / f"metrics_{name}.json", {name: metrics, "made_from": made_from(fs.attrs, extra)})
+    # The same weights file, byte for byte (its recorded sha256 still holds), under the published name.
+    config = dict(config, data=trained_on(fs, prepared_dir), metrics=metrics)
+    weights = weights_path(path).read_bytes()
+    write_model(head_path(models_dir, name), config, lambda p: p.write_bytes(weights), model_card(config))
     shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "n_test")
     print(f"evaluate: {name} on {len(y)} test images: {shown}", flush=True)
     return metrics

@@ -1,4 +1,4 @@
-"""Stage evaluate@<head>: one head's test-split metrics, per-class table and confusion data."""
+"""Stage evaluate@<head>: one head's test-split metrics, per-class table and confusion data; its model folder."""
 
 import sys
 
@@ -14,7 +14,8 @@ def main():
     name = sys.argv[1]
     cfg.heads.head(name)  # a declared head, or a one-line error naming the declared ones
     # The fine-tuned network scores itself in the finetune stage (reports/finetune_metrics.json).
-    run_evaluate(cfg, name, features_dir="data/features", models_dir="models", reports_dir="reports")
+    run_evaluate(cfg, name, features_dir="data/features", heads_dir="data/heads", prepared_dir="data/prepared",
+                 models_dir="models", reports_dir="reports")
 
 
 if __name__ == "__main__":

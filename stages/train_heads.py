@@ -20,7 +20,7 @@ def main():
         kind=head.kind,
         features_file=head_features_paths("data/features", cfg.backbone.name, heads.backbones),
         extra_backbones=heads.backbones,
-        models_dir="models",
+        heads_dir="data/heads",
         C=list(head.C),
         max_iter=head.max_iter,
         cv_folds=heads.cv_folds,

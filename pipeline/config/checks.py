@@ -21,7 +21,8 @@ SOURCES = ("cats-vs-dogs", "folder", "oxford-iiit-pet")  # pipeline.data.sources
 ENGINES = ("local", "ray")  # pipeline.extract.stage.ENGINES
 DECODERS = ("auto", "pillow", "pillow-exact", "torchvision")  # pipeline.extract.decode
 PARAMETERISATIONS = ("fourier", "pixel")  # pipeline.visualize.param
-MODEL_SUFFIXES = (".pt", ".joblib")  # pipeline.serve.bundle: the fine-tuned network, a head
+#: Model files of the layout before model folders (pickles): refused with the folder to use instead.
+OLD_MODEL_SUFFIXES = (".pt", ".json", ".joblib")
 #: The kinds of head (pipeline.heads.registry.KINDS, which builds them) and the
 #: defaults of a head of each kind under ``heads.train``.
 HEAD_KINDS = {

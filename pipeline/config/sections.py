@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.config.checks import (
-    DECODERS, ENGINES, EXTRACT_PRECISIONS, HEAD_KINDS, MODEL_SUFFIXES, PARAMETERISATIONS, SOURCES, Section, _bad, _choice,
+    DECODERS, ENGINES, EXTRACT_PRECISIONS, HEAD_KINDS, OLD_MODEL_SUFFIXES, PARAMETERISATIONS, SOURCES, Section, _bad, _choice,
     _device, _int, _is_int, _is_num, _num, check_grid, check_precision, check_split_params, runtime,
 )
 from pipeline.config.reads import Recorded
@@ -159,7 +159,7 @@ class HeadsConfig(Recorded):
                 raise _bad(f"{where}.train", "a mapping of head names to {kind, C, max_iter}", train)
             heads = {}
             for name, body in train.items():
-                # The name names the head's files (models/<name>.joblib, reports/metrics_<name>.json).
+                # The name names the head's files (models/<name>/, reports/metrics_<name>.json).
                 if not isinstance(name, str) or not name or file_stem(name) != name or name == "finetune":
                     raise _bad(f"{where}.train key", "a head name of letters, digits, '_', '.', '-' "
                                "(not 'finetune', the fine-tuned network's name)", name)
@@ -290,7 +290,7 @@ class FeatureMapsConfig(Section):
 class VisualizeConfig(Section):
     classes: Any = ()
     imagenet_classes: Any = (285, 340)
-    model: str = "models/finetune.pt"
+    model: str = "models/finetune"
     param: str = "fourier"
     steps: int = 256
     lr: float = 0.05
@@ -305,10 +305,10 @@ class VisualizeConfig(Section):
 
     def __post_init__(self):
         w = "visualize"
-        # A file, not a name: dvc.yaml lists it as the stage's dependency as it is.
-        if not isinstance(self.model, str) or not self.model.endswith(MODEL_SUFFIXES):
-            raise _bad(f"{w}.model", "a model file: models/finetune.pt (the fine-tuned network) or "
-                       "models/<head>.joblib (a head of heads.train)", self.model)
+        # A path, not a name: dvc.yaml lists it as the stage's dependency as it is.
+        if not isinstance(self.model, str) or not self.model.strip() or self.model.endswith(OLD_MODEL_SUFFIXES):
+            raise _bad(f"{w}.model", "a model folder: models/finetune (the fine-tuned network) or "
+                       "models/<head> (a head of heads.train)", self.model)
         _choice(w, "param", self.param, PARAMETERISATIONS)
         _int(w, "steps", self.steps, lo=1)
         _num(w, "lr", self.lr)

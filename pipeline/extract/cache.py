@@ -109,8 +109,13 @@ def head_features_paths(out_dir: str | Path, backbone: str, extra=()) -> list[Pa
     return [features_path(out_dir, backbone)] + [features_path(extra_dir, b) for b in extra]
 
 
-def cache_attrs(provenance: dict, classes, decoder: str, precision: str, feature_dim: int, rows=None) -> dict:
+def cache_attrs(provenance: dict, classes, decoder: str, precision: str, feature_dim: int, rows=None,
+                preprocessing: dict | None = None) -> dict:
     """The cache's attributes: provenance, decoder, precision, versions, class list, the manifest's hash.
+
+    ``preprocessing`` is the backbone's :class:`~pipeline.data.transform.TransformSpec`
+    as a dict, kept as JSON so that a head's model folder records it as data
+    (``transform`` says the same in words, and is what readers compare).
 
     ``rows`` are the manifest's rows the cache is made from (before any image
     is skipped as unreadable); without them no ``manifest_sha256`` is recorded.
@@ -130,6 +135,8 @@ def cache_attrs(provenance: dict, classes, decoder: str, precision: str, feature
     )
     if rows is not None:
         attrs["manifest_sha256"] = rows_sha256(classes, rows)
+    if preprocessing is not None:
+        attrs["preprocessing"] = json.dumps(preprocessing)
     return attrs
 
 
@@ -414,6 +421,10 @@ def concatenate(sets: list[FeatureSet], paths) -> FeatureSet:
     attrs = {k: " + ".join(str(fs.attrs.get(k, "")) for fs in sets)
              for k in CHECKED_ATTRS if any(k in fs.attrs for fs in sets)}
     attrs.update(classes=first.attrs["classes"], feature_dim=sum(int(fs.attrs["feature_dim"]) for fs in sets))
+    # The first backbone's: a head on several backbones is scored on the caches only
+    # (predict and export need one backbone), and its folder records the first.
+    if "preprocessing" in first.attrs:
+        attrs["preprocessing"] = first.attrs["preprocessing"]
     return FeatureSet(np.concatenate([fs.features for fs in sets], axis=1), first.labels, first.paths,
                       first.splits, first.sha256, first.classes, attrs)
 

@@ -105,7 +105,8 @@ def extract_features(
         good = [r for r in rows if r.sha256 in index]
         skipped = [{"path": r.path, "reason": failed.get(r.sha256, "could not be decoded (see above)")}
                    for r in rows if r.sha256 not in index]
-        attrs = cache_attrs(backbone.provenance(), classes, decoder, prec.name, backbone.feature_dim, rows)
+        attrs = cache_attrs(backbone.provenance(), classes, decoder, prec.name, backbone.feature_dim, rows,
+                            preprocessing=backbone.transform_spec.to_dict())
         if calib_id:
             attrs["int8_calibration"] = calib_id
         write_from_store(out_path, good, store, backbone.feature_dim, attrs)

@@ -187,7 +187,8 @@ def extract_with_ray(
         raise AssertionError(f"ray engine: {len(missing)} rows never came back, e.g. {missing[0].path}")
     index = store.index()
     good = [r for r in rows if r.sha256 in index]
-    attrs = cache_attrs(bb.provenance(), classes, decoder, prec.name, bb.feature_dim, rows)
+    attrs = cache_attrs(bb.provenance(), classes, decoder, prec.name, bb.feature_dim, rows,
+                        preprocessing=bb.transform_spec.to_dict())
     # The one writer, from the store in manifest order, as the local engine does.
     write_from_store(out_path, good, store, bb.feature_dim, attrs)
     return ExtractResult(

@@ -1,14 +1,15 @@
-"""The fine-tuned network on disk: ``models/finetune.pt`` and ``models/finetune.json``.
+"""The fine-tuned network on disk: the model folder ``models/finetune/``.
 
-``finetune.pt`` is a plain state dict of the whole network (``features.*``,
-``head.*``); ``finetune.json`` beside it says what it is: backbone, weights,
-classes, transform (a :class:`~pipeline.data.transform.TransformSpec` dict),
-provenance and the training summary. Scorers load it through
+``model.safetensors`` holds the whole network's state dict (``features.*``,
+``head.*``), tensors only; ``config.json`` says what it is (backbone,
+weights, classes, preprocessing, precision, provenance, the training summary
+and test metrics), and ``README.md`` is its model card
+(:mod:`pipeline.model_folder`). Scorers load it through
 :func:`pipeline.serve.bundle.load_bundle`.
 
 Example:
-    >>> net, info = load_finetuned("models/finetune.pt")              # doctest: +SKIP
-    >>> TransformSpec.from_dict(info["transform"]).build()(image)      # doctest: +SKIP
+    >>> net, config = load_finetuned("models/finetune")                     # doctest: +SKIP
+    >>> TransformSpec.from_dict(config["preprocessing"]).build()(image)     # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -16,84 +17,70 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pipeline.backbones import Backbone, load_backbone
 from pipeline.errors import PipelineError
-from pipeline.extract.cache import check_provenance
-from pipeline.fileio import atomic_path, read_json, write_json
 from pipeline.finetune.network import FineTuneNet
+from pipeline.model_folder import model_card, read_model, weights_path, write_model
+from pipeline.provenance import model_record
 
-FORMAT = "transfer-pipeline finetune v1"
 
-
-def save_finetuned(path, net: FineTuneNet, backbone: Backbone, classes: list[str], **extra) -> dict:
-    """Write ``path`` (a plain state dict) and its ``.json`` description, each atomically.
+def save_finetuned(folder, net: FineTuneNet, backbone: Backbone, classes: list[str], *, precision: str,
+                   made_from: dict, **extra) -> dict:
+    """Write the model folder ``folder`` whole (:func:`~pipeline.model_folder.write_model`).
 
     Args:
         backbone: the backbone the network was built from: its name, weights,
-            transform and provenance are recorded.
-        **extra: more JSON entries (training summary, params).
+            preprocessing and provenance are recorded.
+        precision: the training precision.
+        made_from: :func:`pipeline.provenance.made_from`'s record of the cache its warm start was fitted on.
+        **extra: more config entries (``training``, ``metrics``, ``data``, ``params``).
 
     Returns:
-        the description written.
+        the config written.
     """
-    path = Path(path)
-    info = {
-        "format": FORMAT,
-        "backbone": backbone.name,
-        "weights": backbone.weights,
-        "input_size": backbone.input_size,
-        "classes": list(classes),
-        "transform": backbone.transform_spec.to_dict(),
-        "provenance": backbone.provenance(),
-        "torch_version": str(torch.__version__),
-        **extra,
-    }
-    state = {k: v.detach().to("cpu") for k, v in net.state_dict().items()}
-    with atomic_path(path, suffix=".pt") as tmp:
-        torch.save(state, tmp)
-    write_json(path.with_suffix(".json"), info)
-    return info
+    provenance = backbone.provenance()
+    config = model_record(
+        name=Path(folder).name, kind="finetune", classes=classes,
+        backbone={"name": backbone.name, "weights": backbone.weights, "weights_sha256": provenance["weights_sha256"],
+                  "transform": provenance["transform"], "input_size": int(backbone.input_size or 0),
+                  "feature_dim": int(backbone.feature_dim)},
+        # Training and scoring decode every photo exactly (Pillow), whatever extract.decoder says.
+        preprocessing={**backbone.transform_spec.to_dict(), "decoder": "pillow-exact"},
+        precision=precision, made_from=made_from, scores="probabilities", **extra,
+    )
+    # contiguous copies on the CPU: safetensors stores each tensor on its own, never shared views.
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in net.state_dict().items()}
+    write_model(folder, config, lambda path: save_file(state, str(path)), model_card(config))
+    return config
 
 
-def read_description(path, expected: dict | None = None) -> dict:
-    """``finetune.json`` beside ``path``, checked: a fine-tuned model of this project, not stale.
-
-    Args:
-        expected: provenance keys (backbone, weights, weights_sha256, transform)
-            and ``classes`` it must match.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise PipelineError(f"fine-tuned model {path} not found; run the finetune stage first (dvc repro)")
-    info = read_json(path.with_suffix(".json"), f"description of {path}")
-    if not isinstance(info, dict) or info.get("format") != FORMAT:
-        raise PipelineError(f"{path.with_suffix('.json')} is not a fine-tuned model description of this "
-                            "project; run the finetune stage again (dvc repro)")
-    check_provenance(dict(info["provenance"], classes=info["classes"]), expected or {}, f"fine-tuned model {path}")
-    return info
-
-
-def load_finetuned(path, expected: dict | None = None) -> tuple[FineTuneNet, dict]:
+def load_finetuned(folder, expected: dict | None = None) -> tuple[FineTuneNet, dict]:
     """Rebuild the fine-tuned network on the CPU, in eval mode and frozen, refusing a stale one.
 
     Returns:
-        the network and its JSON description (:func:`read_description`).
+        the network and its config (:func:`~pipeline.model_folder.read_model`).
     """
-    path = Path(path)
-    info = read_description(path, expected)
+    config = read_model(folder, expected)
+    if config["kind"] != "finetune":
+        raise PipelineError(f"{folder} is a {config['kind']} model, not the fine-tuned network")
+    bb_record = config["backbone"]
     # The architecture those weights imply (a ViT's input size, say), nothing read:
     # every weight comes from the state dict.
-    bb = load_backbone(info["backbone"], info["weights"], info.get("input_size", 0), pretrained=False)
-    net = FineTuneNet(bb.features, nn.Linear(bb.feature_dim, len(info["classes"])))
+    bb = load_backbone(bb_record["name"], bb_record["weights"], int(bb_record.get("input_size") or 0),
+                       pretrained=False)
+    net = FineTuneNet(bb.features, nn.Linear(bb.feature_dim, len(config["classes"])))
+    state = load_file(str(weights_path(folder)))
+    rows = state.get("head.weight", torch.empty(0)).shape[0]
+    if rows != len(config["classes"]):
+        raise PipelineError(f"model {folder}: config.json lists {len(config['classes'])} classes but its weights "
+                            f"score {rows}; copy the model folder again, or run dvc repro")
     try:
-        # weights_only: a checkpoint is data; never let it run code on load.
-        state = torch.load(path, map_location="cpu", weights_only=True)
         net.load_state_dict(state)
-    except Exception as e:  # noqa: BLE001 - any failure means the same to the user
-        raise PipelineError(
-            f"cannot load {path}: {str(e).splitlines()[0][:200]}; run the finetune stage again (dvc repro)"
-        ) from None
+    except RuntimeError as e:
+        raise PipelineError(f"cannot load {weights_path(folder)}: {str(e).splitlines()[0][:200]}; copy the model "
+                            "folder again, or run dvc repro") from None
     net.requires_grad_(False)
-    return net.eval(), info
+    return net.eval(), config

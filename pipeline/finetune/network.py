@@ -23,7 +23,7 @@ from pipeline.heads.model import to_torch_linear
 
 
 class FineTuneNet(nn.Module):
-    """``head(features(x))``; its state dict is what ``models/finetune.pt`` holds."""
+    """``head(features(x))``; its state dict is what ``models/finetune/model.safetensors`` holds."""
 
     def __init__(self, features: nn.Module, head: nn.Linear):
         super().__init__()

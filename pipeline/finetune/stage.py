@@ -3,8 +3,8 @@
 Inputs: the prepare stage's manifest and the feature cache
 ``data/features/<backbone>.h5`` (the warm-start head is fitted on it, see
 :mod:`pipeline.finetune.warmstart`); no file of the ``train_heads`` stage, so
-editing ``heads.*`` never re-runs fine-tuning. Outputs: ``models/finetune.pt``
-+ ``.json`` (:mod:`pipeline.finetune.checkpoint`), DVCLive's per-epoch metrics,
+editing ``heads.*`` never re-runs fine-tuning. Outputs: the model folder
+``models/finetune/`` (:mod:`pipeline.finetune.checkpoint`), DVCLive's per-epoch metrics,
 and the network's test-split metrics (``reports/finetune_metrics.json``, the
 heads' keys under ``finetune``, computed here rather than by the heads'
 ``evaluate`` stage so that the heads' evaluation never waits for a network),
@@ -33,6 +33,7 @@ from pipeline.finetune.data import loader, split_validation
 from pipeline.finetune.network import build_network
 from pipeline.finetune.train import FitResult, fit, predict_logits
 from pipeline.finetune.warmstart import fit_warm_start
+from pipeline.provenance import made_from, trained_on
 from pipeline.runtime import Placement, place
 
 FINETUNE = "finetune"
@@ -55,12 +56,12 @@ def score_test(net, fs, features_file, prepared_dir, cfg: Config, transform,
     return head_metrics(y, pred, probs, len(fs.classes), cfg.evaluate.top_k), y, pred
 
 
-def run_finetune(cfg: Config, *, prepared_dir, features_dir, out_path, live_dir, reports_dir) -> FitResult:
+def run_finetune(cfg: Config, *, prepared_dir, features_dir, out_dir, live_dir, reports_dir) -> FitResult:
     """Fine-tune ``cfg.backbone`` from a head fitted on its training part; write the model, logs and test metrics.
 
     Example:
         >>> run_finetune(load_config(), prepared_dir="data/prepared", features_dir="data/features",
-        ...              out_path="models/finetune.pt", live_dir="dvclive", reports_dir="reports")  # doctest: +SKIP
+        ...              out_dir="models/finetune", live_dir="dvclive", reports_dir="reports")  # doctest: +SKIP
     """
     t0 = time.perf_counter()
     ft = cfg.finetune
@@ -99,7 +100,8 @@ def run_finetune(cfg: Config, *, prepared_dir, features_dir, out_path, live_dir,
     # the prepare stage, say) fails the stage with no model left under its final name.
     metrics, y, pred = score_test(net, fs, features_file, prepared_dir, cfg, bb.transform_spec.build(), where)
     training = {**result.summary(), "n_train": len(train_rows), "n_val": len(val_rows)}
-    save_finetuned(out_path, net, bb, prepared.classes, params=ft.to_dict(), training=training,
+    save_finetuned(out_dir, net, bb, prepared.classes, precision=where.precision.name, made_from=made_from(fs.attrs),
+                   params=ft.to_dict(), training=training, metrics=metrics, data=trained_on(fs, prepared_dir),
                    warm_start={"head": "logreg", "C": ft.head_C, "n_train": len(train_rows)})
     reports = Path(reports_dir)
     write_csv(reports / f"confusion_{FINETUNE}.csv", ["actual", "predicted"],
@@ -115,5 +117,5 @@ def run_finetune(cfg: Config, *, prepared_dir, features_dir, out_path, live_dir,
     })
     shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "n_test")
     print(f"finetune: kept epoch {result.best_epoch} ({result.stopped}); test on {metrics['n_test']} images: "
-          f"{shown}; {wall:.0f} s in all -> {out_path}", flush=True)
+          f"{shown}; {wall:.0f} s in all -> {out_dir}", flush=True)
     return result

@@ -1,6 +1,6 @@
 """Fine-tuning's own warm-start head: logistic regression on the cached features of its training part.
 
-Fine-tuning does not start from the user's ``models/logreg.joblib``. That head
+Fine-tuning does not start from the user's ``models/logreg``. That head
 is trained on the whole train split, fine-tuning's validation slice included,
 and its C is whatever ``heads.logreg.C`` chose: starting from it would make
 fine-tuning re-run after every edit of ``heads.*``, and would let the slice

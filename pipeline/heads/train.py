@@ -16,17 +16,20 @@ from pipeline.extract.cache import open_cache
 from pipeline.fileio import write_json
 from pipeline.heads.batch import make_head
 from pipeline.heads.model import head_path, save_head
-from pipeline.heads.registry import check_kind, check_train_labels
+from pipeline.heads.registry import KINDS, check_kind, check_train_labels
 from pipeline.heads.streaming import StreamingHead
 from pipeline.provenance import made_from
 
 
 def train_head(
-    *, name: str, kind: str | None = None, features_file, models_dir, C, max_iter: int = 2000, cv_folds: int = 5,
+    *, name: str, kind: str | None = None, features_file, heads_dir, C, max_iter: int = 2000, cv_folds: int = 5,
     seed: int = 0, report_path=None, out_of_core: bool = False, chunk_rows: int = 65536, epochs: int = 10,
     extra_backbones=(),
 ) -> dict:
-    """Fit head ``name`` on the train split of ``features_file`` and save it as ``models_dir/<name>.joblib``.
+    """Fit head ``name`` on the train split of ``features_file`` and save it as the folder ``heads_dir/<name>``.
+
+    The folder is the head's model folder less its test metrics; ``evaluate``
+    scores it and publishes it under ``models/`` with them.
 
     Args:
         kind: ``logreg`` or ``svm`` (:data:`~pipeline.heads.registry.KINDS`); default: ``name``.
@@ -59,7 +62,8 @@ def train_head(
         how = f"{head.n_splits_}-fold CV (accuracy {head.best_score_:.4f})"
         how_fit = ""
     provenance = made_from(fs.attrs, extra_backbones)
-    save_head(head_path(models_dir, name), head, provenance, fs.classes, kind=kind)
+    save_head(head_path(heads_dir, name), head, attrs=fs.attrs, made_from=provenance, classes=fs.classes,
+              kind=kind, description=KINDS[kind].description)
     acc = float(head.best_score_)
     summary = {
         "best_C": float(head.best_params_["clf__C"]),

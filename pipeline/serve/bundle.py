@@ -1,18 +1,20 @@
 """The model bundle: a trained model that any scorer loads on its own, without params.yaml.
 
-A bundle is what a training stage wrote, read back with everything needed to
-score images: the backbone (registry name, weights, their sha256, the
-:class:`~pipeline.data.transform.TransformSpec` the weights expect), the class
-list, and either a head (``models/<head>.joblib``) or a fine-tuned network
-(``models/finetune.pt`` + ``.json``). Evaluate, predict and visualize all score
-through it, so none of them reads another stage's internals or params.yaml.
+A bundle is a model folder (:mod:`pipeline.model_folder`: ``config.json`` +
+``model.safetensors``) read back with everything needed to score images: the
+backbone (registry name, weights, their sha256), the preprocessing as data (a
+:class:`~pipeline.data.transform.TransformSpec` and the decoder), the class
+list, and either a head (``models/<head>/``) or a fine-tuned network
+(``models/finetune/``). Predict, visualize and export score through it, so
+none of them reads another stage's internals, params.yaml or the repository:
+a folder copied anywhere loads the same.
 
-Loading refuses a stale bundle: one whose recorded provenance differs from
-``expected``, or, for a head, whose recorded backbone weights or transform are
-no longer what the registry builds from them.
+Loading refuses a pickle, tampered weights, a future format, a stale model
+(one whose record differs from ``expected``), and, for a head, a backbone
+whose weights or transform are no longer what the registry builds.
 
 Example:
-    >>> b = load_bundle("models", "logreg")                          # doctest: +SKIP
+    >>> b = load_bundle("models/logreg")                              # doctest: +SKIP
     >>> b.scores(torch.stack([b.transform(img)]))                    # doctest: +SKIP
     array([[0.991, 0.009]])
     >>> b.network()(x).softmax(1)     # differentiable: features + linear layer   # doctest: +SKIP
@@ -32,15 +34,13 @@ from pipeline.data.images import decode_checked
 from pipeline.data.manifest import Row
 from pipeline.data.transform import TransformSpec
 from pipeline.errors import PipelineError
-from pipeline.extract.cache import check_provenance
 from pipeline.finetune.checkpoint import load_finetuned
 from pipeline.finetune.network import FineTuneNet
-from pipeline.heads.model import head_path, load_head, scores, to_torch_linear
+from pipeline.heads.model import head_path, load_head, score_layer, score_mode, scores, to_torch_linear
+from pipeline.model_folder import model_folders, read_model
+from pipeline.provenance import BACKBONE_KEYS, backbone_record, check_record
 
 FINETUNE = "finetune"
-
-#: The provenance a backbone gives (:meth:`Backbone.provenance`).
-BACKBONE_KEYS = ("backbone", "weights", "weights_sha256", "transform")
 
 
 class Bundle:
@@ -49,19 +49,20 @@ class Bundle:
     Attributes:
         name: ``logreg``, ``svm``, ... or ``finetune``.
         kind: ``head`` or ``finetune``.
-        path: the model file.
+        path: the model folder.
+        config: its ``config.json`` (:func:`pipeline.provenance.model_record`).
         classes: class names, in score order.
-        provenance: what the model recorded (backbone, weights, weights_sha256,
-            transform description; heads also the cache's decoder and precision).
+        provenance: the backbone it needs (:func:`pipeline.provenance.backbone_record`).
         probabilities: False where :meth:`scores` is a softmax of decision
             values (SVM), not calibrated probabilities.
     """
 
     kind = ""
 
-    def __init__(self, name: str, path: Path, classes: list[str], provenance: dict, probabilities: bool):
-        self.name, self.path, self.classes = name, Path(path), list(classes)
-        self.provenance, self.probabilities = dict(provenance), probabilities
+    def __init__(self, path: Path, config: dict, probabilities: bool):
+        self.path, self.config = Path(path), config
+        self.name, self.classes = config["name"], list(config["classes"])
+        self.provenance, self.probabilities = backbone_record(config), probabilities
         self.device = torch.device("cpu")
 
     @property
@@ -70,18 +71,13 @@ class Bundle:
 
     @property
     def transform_spec(self) -> TransformSpec:
-        raise NotImplementedError
+        """The preprocessing the model recorded, as data."""
+        return TransformSpec.from_dict(self.config["preprocessing"])
 
     @property
     def transform(self) -> Callable:
         """The eval preprocessing: PIL image -> normalised float tensor (3, crop, crop)."""
         return self.transform_spec.build()
-
-    def spec(self) -> dict:
-        """The backbone this model needs: name, weights, weights_sha256, transform (a TransformSpec dict)."""
-        p = self.provenance
-        return {"name": p["backbone"], "weights": p["weights"], "weights_sha256": p["weights_sha256"],
-                "transform": self.transform_spec.to_dict()}
 
     def to(self, device: torch.device) -> Bundle:
         """Run :meth:`scores` on ``device`` (a :func:`pipeline.runtime.place`'s ``device``)."""
@@ -99,6 +95,10 @@ class Bundle:
         (visualisation and attacks). It has ``.features`` and ``.head``.
         """
         raise NotImplementedError
+
+    def scoring_network(self) -> nn.Module:
+        """Images -> the scores :meth:`scores` gives, as one torch module (what ``export`` writes)."""
+        return nn.Sequential(self.network(), score_layer("softmax")).eval()
 
     def score_rows(self, root, rows: Sequence[Row], batch_size: int = 32) -> Iterator[tuple]:
         """Decode and score rows in order: ``(row, scores, None)`` or ``(row, None, reason)``.
@@ -122,10 +122,14 @@ class HeadBundle(Bundle):
 
     kind = "head"
 
-    def __init__(self, name: str, path: Path, saved: dict):
-        self.estimator = saved["estimator"]
-        super().__init__(name, path, saved["classes"], saved["provenance"],
-                         probabilities=hasattr(self.estimator, "predict_proba"))
+    def __init__(self, path: Path, estimator, config: dict):
+        self.estimator = estimator
+        super().__init__(path, config, probabilities=hasattr(estimator, "predict_proba"))
+        if config["made_from"].get("heads_backbones"):
+            raise PipelineError(
+                f"head {self.path} was trained on the features of several backbones ({config['backbone']['name']}; "
+                "heads.backbones), which only the pipeline's caches give: predict, visualize and export take a "
+                "head on one backbone, or the fine-tuned network")
         self._backbone: Backbone | None = None
 
     @property
@@ -133,26 +137,21 @@ class HeadBundle(Bundle):
         """The backbone the head's features came from, loaded on first use and checked."""
         if self._backbone is None:
             recorded = self.provenance
-            if recorded.get("decoder") == "pillow":
+            if self.config["preprocessing"].get("decoder") == "pillow":
                 # Scoring decodes every photo exactly; these features saw reduced-scale JPEG decoding.
                 raise PipelineError(
                     f"head {self.path} was trained on features made with decoder='pillow' (reduced-scale JPEG "
                     "decoding) but scoring decodes with 'pillow-exact'; set extract.decoder: auto or "
                     "pillow-exact and run dvc repro")
-            # backbone.input_size, where the model recorded one (its transform records the crop either way).
             input_size = int(recorded.get("input_size", 0))
             weights = _weights_argument(recorded["backbone"], recorded["weights"], input_size, self.path.parent.parent)
             bb = load_backbone(recorded["backbone"], weights, input_size)
-            now = {k: bb.provenance()[k] for k in BACKBONE_KEYS}
+            now = {k: v for k, v in bb.provenance().items() if k in BACKBONE_KEYS}
             if weights != recorded["weights"]:  # the reference was translated; the sha256 still checks the content
                 now["weights"] = recorded["weights"]
-            check_provenance(recorded, now, f"head {self.path}")
+            check_record(self.config, now, f"head {self.path}")
             self._backbone = bb
         return self._backbone
-
-    @property
-    def transform_spec(self) -> TransformSpec:
-        return self.backbone.transform_spec
 
     def scores(self, images: torch.Tensor) -> np.ndarray:
         features = self.backbone.features.to(self.device).eval()  # network() shares it and may have moved it
@@ -167,23 +166,23 @@ class HeadBundle(Bundle):
         net = FineTuneNet(self.backbone.features, to_torch_linear(self.estimator)).cpu().eval()
         return net.requires_grad_(False)
 
+    def scoring_network(self) -> nn.Module:
+        mode = score_mode(self.estimator, len(self.classes))
+        return nn.Sequential(self.network(), score_layer(mode)).eval()
+
 
 class FinetunedBundle(Bundle):
-    """The fine-tuned network (``models/finetune.pt``) and its description (``.json``)."""
+    """The fine-tuned network (``models/finetune/``)."""
 
     kind = "finetune"
 
     def __init__(self, path: Path, expected: dict | None):
-        self.net, self.info = load_finetuned(path, expected)
-        super().__init__(FINETUNE, path, self.info["classes"], self.info["provenance"], probabilities=True)
+        self.net, config = load_finetuned(path, expected)
+        super().__init__(path, config, probabilities=True)
 
     @property
     def description(self) -> str:
         return f"finetune ({self.provenance['backbone']})"
-
-    @property
-    def transform_spec(self) -> TransformSpec:
-        return TransformSpec.from_dict(self.info["transform"])
 
     def scores(self, images: torch.Tensor) -> np.ndarray:
         net = self.net.to(self.device).eval()  # network() may have moved it
@@ -216,44 +215,41 @@ def _weights_argument(name: str, recorded: str, input_size: int, project: Path) 
 
 
 def model_names(models_dir) -> list[str]:
-    """The models saved in ``models_dir``: its heads (``<head>.joblib``), then ``finetune`` if there."""
-    models_dir = Path(models_dir)
-    heads = sorted(p.stem for p in models_dir.glob("*.joblib"))
-    return heads + ([FINETUNE] if (models_dir / f"{FINETUNE}.pt").is_file() else [])
+    """The model folders saved in ``models_dir``: its heads, then ``finetune`` if there."""
+    names = model_folders(models_dir)
+    return [n for n in names if n != FINETUNE] + [n for n in names if n == FINETUNE]
 
 
 def model_path(models_dir, name: str) -> Path:
-    """``models/<head>.joblib`` or ``models/finetune.pt``."""
-    path = (Path(models_dir) / f"{FINETUNE}.pt") if name == FINETUNE else head_path(models_dir, name)
-    if not path.is_file():
+    """``models/<name>``, which must be a model folder."""
+    path = head_path(models_dir, name)
+    if not path.is_dir():
         found = ", ".join(model_names(models_dir)) or "none: run dvc repro"
         raise PipelineError(f"no model '{name}' ({path} not found); saved in {models_dir}: {found}")
     return path
 
 
 def load_bundle(path, name: str | None = None, expected: dict | None = None) -> Bundle:
-    """Load a model as a :class:`Bundle`, refusing a stale one.
+    """Load a model folder as a :class:`Bundle`, after every check of :func:`~pipeline.model_folder.read_model`.
 
     Args:
-        path: the models folder (with ``name``) or a model file
-            (``models/logreg.joblib``, ``models/finetune.pt``).
+        path: a model folder (``models/logreg``, a copy anywhere), or the
+            models folder with ``name``.
         name: ``logreg``, ``svm``, ... or ``finetune``.
-        expected: provenance keys (:data:`BACKBONE_KEYS`; heads also the
-            cache's ``decoder`` and ``precision``) and ``classes`` the model must
-            match.
+        expected: ``classes`` and backbone keys (:data:`~pipeline.provenance.BACKBONE_KEYS`)
+            the model must match.
 
     Raises:
-        PipelineError: unknown name, missing or foreign file, or stale provenance.
+        PipelineError: unknown name, a pickle, a missing or foreign folder,
+            tampered weights, a future format, or a stale model.
     """
     path = Path(path)
     if name is not None:
         path = model_path(path, name)
-    elif path.suffix == ".pt":
-        name = FINETUNE
-    else:
-        name = path.stem
-    if name == FINETUNE:
+    kind = read_model(path)["kind"]
+    if kind == "finetune":
         return FinetunedBundle(path, expected)
-    if path.suffix != ".joblib":
-        raise PipelineError(f"{path} is not a model of this project: models/<head>.joblib or models/finetune.pt")
-    return HeadBundle(name, path, load_head(path, expected))
+    if kind == "head":
+        estimator, config = load_head(path, expected)
+        return HeadBundle(path, estimator, config)
+    raise PipelineError(f"{path}: config.json has kind {kind!r}; accepted: head, finetune")

@@ -1,15 +1,16 @@
 """``python -m pipeline predict``: apply a trained model to new photos.
 
-The model is one of the project's bundles (:mod:`pipeline.serve.bundle`):
-a head of ``heads.train`` (``logreg``, ``svm``, ...: a head on its
-backbone), or ``finetune`` (the fine-tuned network); by default the best by
-test accuracy in ``reports/metrics_<head>.json`` and ``finetune_metrics.json``.
-The bundle says which backbone and preprocessing it needs, so params.yaml is
-not read. Files that cannot be read are listed with
-the reason and do not stop the others.
+The model is a model folder (:mod:`pipeline.serve.bundle`): given as a path
+(``--model models/logreg``, or a copy of that folder anywhere), or by name in
+the project's ``models/`` (a head of ``heads.train``: ``logreg``, ``svm``,
+...; or ``finetune``), by default the best there by the test accuracy its
+``config.json`` records. The folder says which backbone and preprocessing it
+needs, so neither params.yaml nor the repository is read: the same folder
+gives the same top-k from any working directory. Files that cannot be read
+are listed with the reason and do not stop the others.
 
 Example:
-    $ python -m pipeline predict photos/ --top-k 2
+    $ python -m pipeline predict --model models/logreg photos/ --top-k 2
     # model logreg on efficientnet_lite0: probabilities
     photos/tabby.jpg: cat 0.991, dog 0.009
 """
@@ -26,7 +27,8 @@ from pipeline.data.images import IMAGE_EXTENSIONS
 from pipeline.data.manifest import Row
 from pipeline.errors import PipelineError
 from pipeline.runtime import place
-from pipeline.serve.bundle import FINETUNE, Bundle, load_bundle, model_names
+from pipeline.model_folder import read_model
+from pipeline.serve.bundle import Bundle, load_bundle, model_names, model_path
 
 
 def collect(paths) -> tuple[list[Path], list[dict]]:
@@ -51,25 +53,32 @@ def collect(paths) -> tuple[list[Path], list[dict]]:
     return files, failed
 
 
-def best_model(project: Path) -> str:
-    """The saved model with the best test accuracy (``reports/metrics_<head>.json``, ``finetune_metrics.json``)."""
-    reports, names = project / "reports", model_names(project / "models")
+def best_model(models_dir: Path) -> str:
+    """The model folder in ``models_dir`` with the best test accuracy its ``config.json`` records."""
+    names = model_names(models_dir)
     ranked = {}
     for name in names:
-        path = reports / (f"{FINETUNE}_metrics.json" if name == FINETUNE else f"metrics_{name}.json")
-        if not path.is_file():
-            continue
-        try:
-            ranked[name] = float(json.loads(path.read_text(encoding="utf-8"))[name]["accuracy"])
-        except (ValueError, KeyError, TypeError) as e:
-            raise PipelineError(f"{path} is not an evaluation report ({e}); run dvc repro") from None
+        accuracy = read_model(models_dir / name).get("metrics", {}).get("accuracy")
+        if accuracy is not None:
+            ranked[name] = float(accuracy)
     if not ranked:
         raise PipelineError(
-            f"no test metrics in {reports} for the models in {project / 'models'} ({', '.join(names) or 'none'}), "
-            "so there is no best model to pick; run dvc repro, or choose one with --model"
+            f"no model in {models_dir} records a test accuracy ({', '.join(names) or 'none'}), so there is no best "
+            "model to pick; run dvc repro, or choose one with --model"
         )
     # max keeps the first of equals: a head (cheaper, and logreg gives probabilities) before finetune.
     return max(ranked, key=ranked.get)
+
+
+def resolve_model(model: str | None, project) -> Path:
+    """``--model`` as a model folder: a path to one as given, a name in ``<project>/models``, or the best there."""
+    models_dir = Path(project) / "models"
+    if model is None:
+        return models_dir / best_model(models_dir)
+    given = Path(model)
+    if given.exists() or len(given.parts) > 1:
+        return given  # a path: load_bundle says what is wrong with it, if anything
+    return model_path(models_dir, model)  # or a one-line error listing the models there
 
 
 def predict_files(bundle: Bundle, files: list[Path], *, top_k: int = 3, batch_size: int = 32):
@@ -101,10 +110,11 @@ def run_predict(
 
     Args:
         paths: image files and folders (searched recursively).
-        model: a head's name (``logreg``, ``svm``, ...), ``finetune``, or None
-            for the best by test accuracy (:func:`best_model`).
+        model: a model folder's path, a name in ``<project>/models`` (``logreg``,
+            ``svm``, ..., ``finetune``), or None for the best there by test
+            accuracy (:func:`best_model`).
         as_json: one JSON document on ``out`` instead of lines.
-        project: the folder holding models/ and reports/.
+        project: the folder holding models/ (used only when ``model`` is not a path).
 
     Returns:
         the JSON document (also when printing lines).
@@ -119,7 +129,7 @@ def run_predict(
     where = place(device, "fp32", section="predict")  # scores are fp32, as evaluate's
     project = Path(project)
     files, failed = collect(paths)
-    m = load_bundle(project / "models", model or best_model(project)).to(where.device)
+    m = load_bundle(resolve_model(model, project)).to(where.device)
     kind = "probabilities" if m.probabilities else "scores: softmax of SVM decision values, not probabilities"
     doc = {"model": m.name, "description": m.description, "scores": kind, "top_k": min(top_k, len(m.classes)),
            "predictions": [], "failed": failed}
