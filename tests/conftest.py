@@ -200,3 +200,7 @@ def project(tmp_path) -> Project:
     shutil.copy2(ROOT / ".dvc" / "config", path / ".dvc" / "config")
     p.commit("pipeline")
     return p
+
+
+# A project with trained model folders, made once per session (predict, model folders, export).
+from helpers_models import pretrained, trained  # noqa: E402,F401

@@ -14,86 +14,22 @@ import torch
 import torchvision
 import yaml
 from conftest import ROOT, sample_folder
-from helpers_images import truncated_jpeg, write
+from helpers_models import BACKBONE, FINETUNE, good_photos as _good
+from safetensors.torch import load_file
 
 from pipeline.__main__ import main
 from pipeline.backbones import load_backbone
-from pipeline.config import BackboneConfig, Config, EvaluateConfig, ExtractConfig, FinetuneConfig
 from pipeline.data.images import load_rgb
 from pipeline.data.manifest import read_prepared
-from pipeline.data.sources import prepare
 from pipeline.errors import PipelineError
 from pipeline.extract.cache import features_path, open_cache
-from pipeline.extract.stage import run_extract
 from pipeline.finetune.data import split_validation
-from pipeline.finetune.stage import run_finetune
 from pipeline.finetune.warmstart import fit_warm_start
 from pipeline.heads.batch import make_head
 from pipeline.heads.model import load_head, save_head
-from pipeline.heads.train import train_head
 from pipeline.serve.bundle import load_bundle
 
 pytestmark = pytest.mark.sample_data
-
-
-#: The fine-tuning run of the fixture: one epoch that cannot beat its warm-start head (lr 10 on the
-#: head alone), so the network kept is the head it started from (epoch 0), as the stage keeps it.
-FINETUNE = FinetuneConfig(epochs=1, batch_size=8, unfreeze="none", lr_head=10.0, val_fraction=0.25, patience=1,
-                          device="cpu", precision="fp32")
-BACKBONE = BackboneConfig(name="efficientnet_lite0", weights="DEFAULT")
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A project folder as ``dvc repro`` leaves it: three models and the metrics.
-
-    Twelve photos per class go through the stages' own library calls:
-    prepare, extract, ``train_head`` for each head, and ``run_finetune``, which
-    fits its own warm-start head on the cache and writes ``models/finetune.pt``
-    as the finetune stage does.
-    """
-    folder = sample_folder("catsdogs")
-    base = tmp_path_factory.mktemp("predict")
-    project = base / "project"
-    (project / "reports").mkdir(parents=True)
-    subset = base / "subset"  # the first 12 photos of each class, copied outside the repository
-    for c in ("cat", "dog"):
-        (subset / c).mkdir(parents=True)
-        for f in sorted((folder / c).iterdir())[:12]:
-            shutil.copy2(f, subset / c / f.name)
-    prepare(source="folder", out_dir=project / "data/prepared", folder=str(subset), test_fraction=0.25, seed=0)
-    run_extract(backbone=BACKBONE, extract=ExtractConfig(store="", precision="fp32", compile=False),
-                prepared_dir=project / "data/prepared", out_dir=project / "data/features")
-    features = features_path(project / "data/features", BACKBONE.name)
-    for name, C in (("logreg", [0.1]), ("svm", [0.001])):
-        train_head(name=name, features_file=features, models_dir=project / "models", C=C, cv_folds=2)
-    run_finetune(Config(backbone=BACKBONE, finetune=FINETUNE, evaluate=EvaluateConfig()),
-                 prepared_dir=project / "data/prepared", features_dir=project / "data/features",
-                 out_path=project / "models/finetune.pt", live_dir=base / "dvclive", reports_dir=base / "reports")
-    # The test accuracies predict ranks by, as the evaluate@<head> and finetune stages write
-    # them: svm "best", so the default choice is visible.
-    for name, accuracy in (("logreg", 0.95), ("svm", 0.97), ("finetune", 0.96)):
-        report = "finetune_metrics.json" if name == "finetune" else f"metrics_{name}.json"
-        (project / "reports" / report).write_text(json.dumps({name: {"accuracy": accuracy}}))
-
-    photos = base / "photos"
-    (photos / "nested" / "dog").mkdir(parents=True)
-    for f in sorted((folder / "cat").iterdir())[100:102]:
-        shutil.copy(f, photos / f"cat-{f.name}")
-    for f in sorted((folder / "dog").iterdir())[100:102]:
-        shutil.copy(f, photos / "nested" / "dog" / f.name)
-    write(photos / "broken.jpg", truncated_jpeg())
-    write(photos / "notes.txt", b"not a photo; ignored inside folders")
-    return project, photos
-
-
-@pytest.fixture(scope="module")
-def pretrained(trained) -> tuple[np.ndarray, torch.Tensor]:
-    """The good photos' features (float64) through a freshly loaded pretrained backbone, and its input batch."""
-    bb = load_backbone(BACKBONE.name, BACKBONE.weights)
-    x = torch.stack([bb.transform(load_rgb(p)) for p in _good(trained[1])])
-    with torch.inference_mode():
-        return bb.features(x).double().numpy(), x
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
@@ -110,10 +46,6 @@ def _predict(capsys, *args):
         code = e.code
     out, err = capsys.readouterr()
     return code, out, err
-
-
-def _good(photos):
-    return sorted(p for p in photos.rglob("*.jpg") if p.name != "broken.jpg")
 
 
 def test_folder_with_a_corrupt_file_lists_it_and_fails(trained, capsys):
@@ -134,12 +66,18 @@ def test_folder_with_a_corrupt_file_lists_it_and_fails(trained, capsys):
     assert err.splitlines()[-1] == "error: 1 of 5 files could not be classified (listed above)"
 
 
-def test_good_files_only_exit_zero(trained, capsys):
-    project, photos = trained
+def test_good_files_only_exit_zero(stale, capsys):
+    project, photos = stale
+    # The test accuracies predict ranks by, in each folder's config.json (6 test photos score
+    # every model alike): svm "best", so the default choice is visible.
+    for name, accuracy in (("logreg", 0.95), ("svm", 0.97), ("finetune", 0.96)):
+        config = json.loads((project / "models" / name / "config.json").read_text())
+        config["metrics"]["accuracy"] = accuracy
+        (project / "models" / name / "config.json").write_text(json.dumps(config))
     code, out, err = _predict(capsys, *_good(photos), "--project", project, "--top-k", "1")
     assert code == 0, err
     lines = out.splitlines()
-    # Default: the best by test accuracy in the reports, here the SVM.
+    # Default: the best by recorded test accuracy, here the SVM.
     assert lines[0] == "# model svm on efficientnet_lite0: scores: softmax of SVM decision values, not probabilities"
     assert len(lines) == 5 and all(len(line.split(": ")[1].split(", ")) == 1 for line in lines[1:])
 
@@ -164,7 +102,7 @@ def test_json_is_one_document_with_failures_and_reasons(trained, capsys, tmp_pat
 def test_finetune_predicts_what_its_warm_start_head_predicts(trained, pretrained, capsys):
     """The kept epoch 0 through ``predict``: scikit-learn's probabilities of the stage's own warm-start head."""
     project, photos = trained
-    info = json.loads((project / "models/finetune.json").read_text())
+    info = json.loads((project / "models/finetune/config.json").read_text())
     assert info["training"]["best_epoch"] == 0 and info["warm_start"]["n_train"] == 14, info
     code, out, _ = _predict(capsys, *_good(photos), "--project", project, "--json", "--model", "finetune")
     assert code == 0
@@ -213,11 +151,12 @@ def test_head_whose_weights_file_changed_is_refused(tmp_path, capsys):
     torch.save(torchvision.models.resnet18().state_dict(), weights)
     bb = load_backbone("resnet18", str(weights))
     # As the train_heads stage records it: the path as params.yaml spells it, relative to the project.
-    provenance = dict(bb.provenance(), weights="weights/r18.pt")
+    attrs = dict(bb.provenance(), weights="weights/r18.pt", feature_dim=bb.feature_dim, decoder="pillow-exact",
+                 precision="fp32", preprocessing=json.dumps(bb.transform_spec.to_dict()))
     rng = np.random.default_rng(0)
     X, y = rng.normal(size=(8, bb.feature_dim)), np.array([0, 1] * 4)
-    save_head(project / "models" / "logreg.joblib", make_head("logreg", C=[1.0], cv_folds=2).fit(X, y),
-              provenance, ["cat", "dog"])
+    save_head(project / "models" / "logreg", make_head("logreg", C=[1.0], cv_folds=2).fit(X, y), attrs=attrs,
+              made_from={}, classes=["cat", "dog"], kind="logreg", description="logistic regression")
     photo = sample_folder("catsdogs") / "cat" / sorted(os.listdir(sample_folder("catsdogs") / "cat"))[0]
 
     # Found beside the project wherever predict runs, and its content checked.
@@ -230,7 +169,7 @@ def test_head_whose_weights_file_changed_is_refused(tmp_path, capsys):
     code, _, err = _predict(capsys, photo, "--project", project, "--model", "logreg")
     assert code == 1
     line = _error_line(err)
-    assert f"head {project / 'models' / 'logreg.joblib'} was made with weights_sha256=" in line
+    assert f"head {project / 'models' / 'logreg'} was made with weights_sha256=" in line
     assert "it is stale: run dvc repro" in line
 
 
@@ -240,14 +179,14 @@ def test_bundle_scores_and_network_agree(trained, pretrained):
     The reference: the photos' features through a freshly loaded backbone
     (the fixture's fine-tuning trains the head only), then for a head
     scikit-learn's own scores, for the fine-tuned network the head layer of
-    ``finetune.pt`` applied by hand in float64.
+    ``models/finetune/model.safetensors`` applied by hand in float64.
     """
     project, photos = trained
     X, x = pretrained
-    saved = torch.load(project / "models/finetune.pt", map_location="cpu", weights_only=True)
+    saved = load_file(project / "models/finetune/model.safetensors")
     W, bias = saved["head.weight"].double().numpy(), saved["head.bias"].double().numpy()
     reference = {
-        "logreg": load_head(project / "models/logreg.joblib")["estimator"].predict_proba(X),
+        "logreg": load_head(project / "models/logreg")[0].predict_proba(X),
         "finetune": _softmax(X @ W.T + bias),
     }
     for name, expected in reference.items():
@@ -258,7 +197,7 @@ def test_bundle_scores_and_network_agree(trained, pretrained):
             probs = net(x).softmax(1).numpy()
         np.testing.assert_allclose(b.scores(x), expected, atol=1e-5, err_msg=f"{name}: scores")
         np.testing.assert_allclose(probs, expected, atol=1e-5, err_msg=f"{name}: network()")
-        assert b.spec()["name"] == "efficientnet_lite0" and b.spec()["transform"]["crop"] == 224
+        assert b.config["backbone"]["name"] == "efficientnet_lite0" and b.transform_spec.crop == 224
         x_grad = x[:1].clone().requires_grad_(True)
         net(x_grad).softmax(1)[:, 0].sum().backward()  # differentiable with respect to the image
         assert x_grad.grad is not None and float(x_grad.grad.abs().sum()) > 0
@@ -270,7 +209,9 @@ def test_bundle_scores_and_network_agree(trained, pretrained):
 
 def test_without_metrics_the_model_must_be_named(stale, capsys):
     project, photos = stale
-    shutil.rmtree(project / "reports")
+    for name in ("logreg", "svm", "finetune"):  # as a head's folder before evaluate publishes it
+        config = json.loads((project / "models" / name / "config.json").read_text())
+        (project / "models" / name / "config.json").write_text(json.dumps(dict(config, metrics={})))
     code, _, err = _predict(capsys, photos, "--project", project)
     assert code == 1
     assert "no best model to pick; run dvc repro, or choose one with --model" in _error_line(err)
