@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import sample_folder
+from conftest import import_or_skip, sample_folder
 from helpers_models import good_photos
 
 import pipeline.serve.export as export
@@ -18,8 +18,8 @@ from pipeline.serve.bundle import load_bundle
 
 pytestmark = pytest.mark.sample_data
 
-onnx = pytest.importorskip("onnx", reason="the onnx extra is not installed: pip install -e '.[onnx]'")
-ort = pytest.importorskip("onnxruntime", reason="the onnx extra is not installed: pip install -e '.[onnx]'")
+onnx = import_or_skip("onnx", "the onnx extra is not installed: pip install -e '.[onnx]'")
+ort = import_or_skip("onnxruntime", "the onnx extra is not installed: pip install -e '.[onnx]'")
 
 
 def _photos():
