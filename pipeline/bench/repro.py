@@ -28,6 +28,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.bench.common import ROOT, ProcessFailed, timed_run
+from pipeline.config import read_yaml
 
 
 def _timed(cwd: Path, *args: str) -> tuple[float, str]:
@@ -98,7 +99,7 @@ def _session(args: argparse.Namespace) -> dict:
                  "backbone.name": args.backbone, "backbone.weights": "DEFAULT", "extract.store": ""}
     for item in args.set:
         key, _, value = item.partition("=")
-        overrides[key] = yaml.safe_load(value)
+        overrides[key] = read_yaml(value)
 
     with tempfile.TemporaryDirectory(prefix="bench_repro_") as tmp:
         path = args.keep or Path(tmp) / "project"

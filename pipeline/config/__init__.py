@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,11 +29,27 @@ from pipeline.config.sections import (
 )
 from pipeline.errors import PipelineError
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading numbers as YAML 1.2 (and DVC, which writes params.yaml) does."""
+
+
+# YAML 1.1 wants a dot in a float, so `1e-05` (how `dvc exp run -S finetune.lr_head=0.00001`
+# writes it, and how people write small learning rates) would be read as a string.
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def read_yaml(text: str):
+    """YAML text as Python values, numbers in exponent form (``1e-05``) included."""
+    return yaml.load(text, Loader=_Loader)
+
+
 __all__ = [
     "DECODERS", "ENGINES", "HEAD_KINDS", "PARAMETERISATIONS", "SOURCES", "UNFREEZE", "AttackConfig", "BackboneConfig", "Config",
     "DataConfig", "EvaluateConfig", "ExtractConfig", "FeatureMapsConfig", "FinetuneConfig", "HeadConfig",
     "HeadsConfig", "RayConfig", "Section", "VisualizeConfig", "check_split_params", "load_config",
-    "parse_config",
+    "parse_config", "read_yaml",
 ]
 
 
@@ -78,7 +95,7 @@ def load_config(path: str | Path = "params.yaml") -> Config:
     if not path.is_file():
         raise PipelineError(f"{path} not found; run from the project root, where params.yaml lives")
     try:
-        given = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        given = read_yaml(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise PipelineError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
     cfg = parse_config(given, str(path))

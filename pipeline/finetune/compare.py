@@ -23,10 +23,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 from pipeline.backbones import load_backbone
-from pipeline.config import load_config
+from pipeline.config import load_config, read_yaml
 from pipeline.data.manifest import read_prepared, stratified_holdout
 from pipeline.metrics import head_metrics
 from pipeline.extract.cache import features_path, open_cache
@@ -39,7 +38,7 @@ from pipeline.runtime import place
 
 
 def _value(text: str):
-    return yaml.safe_load(text)
+    return read_yaml(text)
 
 
 def parse_variant(spec: str) -> tuple[str, dict]:
