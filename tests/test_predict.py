@@ -14,19 +14,18 @@ import torch
 import torchvision
 import yaml
 from conftest import ROOT, sample_folder
-from helpers_models import BACKBONE, FINETUNE, good_photos as _good
+from helpers_models import BACKBONE, good_photos as _good
 from safetensors.torch import load_file
 
 from pipeline.__main__ import main
 from pipeline.backbones import load_backbone
 from pipeline.data.images import load_rgb
-from pipeline.data.manifest import read_prepared
 from pipeline.errors import PipelineError
-from pipeline.extract.cache import features_path, open_cache
-from pipeline.finetune.data import split_validation
-from pipeline.finetune.warmstart import fit_warm_start
+from pipeline.extract.cache import features_path
 from pipeline.heads.batch import make_head
+from pipeline.config import HeadsConfig
 from pipeline.heads.model import load_head, save_head
+from pipeline.heads.train import train_head
 from pipeline.serve.bundle import load_bundle
 
 pytestmark = pytest.mark.sample_data
@@ -99,24 +98,33 @@ def test_json_is_one_document_with_failures_and_reasons(trained, capsys, tmp_pat
     assert "error: 2 of 6 files could not be classified (listed in the JSON)" in err
 
 
-def test_finetune_predicts_what_its_warm_start_head_predicts(trained, pretrained, capsys):
-    """The kept epoch 0 through ``predict``: scikit-learn's probabilities of the stage's own warm-start head."""
+def test_a_failed_fine_tuning_ends_as_the_users_logreg_head(trained, pretrained, capsys, tmp_path):
+    """The guard: no epoch beats the warm start (lr 10), so the model is the logreg head, photo for photo.
+
+    The reference is the head ``train_heads@logreg`` fits with the default
+    params (the logreg grid, 5 folds, seed 0) on the whole train split; the
+    fine-tuned model is scored through ``predict`` on photos it never saw.
+    """
     project, photos = trained
     info = json.loads((project / "models/finetune/config.json").read_text())
     assert info["training"]["best_epoch"] == 0 and info["warm_start"]["n_train"] == 14, info
+    assert info["kept"] == f"logreg head (C={info['kept'].split('C=')[1].split(',')[0]}, refit on all 18 train photos)"
     code, out, _ = _predict(capsys, *_good(photos), "--project", project, "--json", "--model", "finetune")
     assert code == 0
     predicted = {p["path"]: {t["class"]: t["score"] for t in p["top"]} for p in json.loads(out)["predictions"]}
 
-    # The head the stage starts from: logistic regression (C = finetune.head_C) on the
-    # cached features of the train photos outside the validation slice.
-    train = read_prepared(project / "data/prepared").split("train")
-    fit_rows, _ = split_validation(train, FINETUNE.val_fraction, FINETUNE.seed)
     features = features_path(project / "data/features", BACKBONE.name)
-    head = fit_warm_start(open_cache(features), fit_rows, C=FINETUNE.head_C, seed=FINETUNE.seed, source=features)
-    expected = head.predict_proba(pretrained[0])
+    defaults = HeadsConfig()
+    head = defaults.head("logreg")
+    train_head(name="logreg", kind=head.kind, features_file=features, heads_dir=tmp_path, C=list(head.C),
+               max_iter=head.max_iter, cv_folds=defaults.cv_folds, seed=defaults.seed)
+    users, _ = load_head(tmp_path / "logreg")
+    expected = users.predict_proba(pretrained[0])
     for path, probs in zip(_good(photos), expected):
-        np.testing.assert_allclose([predicted[str(path)][c] for c in ("cat", "dog")], probs, atol=1e-3)
+        got = [predicted[str(path)][c] for c in ("cat", "dog")]
+        np.testing.assert_allclose(got, probs, atol=1e-3)
+        assert np.argmax(got) == np.argmax(probs)
+    assert float(users.named_steps["clf"].C) == float(info["kept"].split("C=")[1].split(",")[0])
 
 
 @pytest.fixture

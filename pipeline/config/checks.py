@@ -70,12 +70,13 @@ def _choice(where, name, value, accepted):
         raise PipelineError(f"unknown {where}.{name} '{value}'; accepted: {', '.join(map(str, accepted))}")
 
 
-def check_grid(name: str, C) -> list:
-    """``heads.train.<name>.C`` as a list of candidates: a positive number or a non-empty list of them."""
+def check_grid(name: str, C, key: str | None = None) -> list:
+    """``heads.train.<name>.C`` (or the params ``key`` given) as a list of candidates: a positive number or a
+    non-empty list of them."""
     iterable = hasattr(C, "__iter__") and not isinstance(C, (str, bytes))
     grid = list(C) if iterable else [C]
     if not grid or not all(_is_num(c) and c > 0 for c in grid):
-        raise _bad(f"heads.train.{name}.C", "a positive number or a list of them", C)
+        raise _bad(key or f"heads.train.{name}.C", "a positive number or a list of them", C)
     return grid
 
 

@@ -219,13 +219,15 @@ class FinetuneConfig(Section):
     device: str = runtime("auto")
     precision: str = "auto"
     decode_workers: Any = runtime("auto")
-    head_C: float = 0.1  # the warm-start head's C: fixed, never chosen on the validation slice
+    # The warm-start head's C candidates, chosen by cross-validation on the fine-tuning part (never the
+    # validation slice); by default the logreg head's grid, written here, not read from heads.*.
+    head_C: Any = HEAD_KINDS["logreg"]["C"]
     ema: float = 0.0  # per-step decay of an average of the weights; 0 = off
     tta_flip: bool = False  # score each photo and its mirror image, average the logits
 
     def __post_init__(self):
         w = "finetune"
-        _num(w, "head_C", self.head_C)
+        check_grid("logreg", self.head_C, key=f"{w}.head_C")
         _num(w, "ema", self.ema, hi=1, lo_open=False)
         _num(w, "lr_decay", self.lr_decay, hi=1, hi_open=False)
         if not isinstance(self.tta_flip, bool):

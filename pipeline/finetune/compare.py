@@ -32,7 +32,7 @@ from pipeline.extract.cache import features_path, open_cache
 from pipeline.finetune.data import loader, split_validation
 from pipeline.finetune.network import build_network
 from pipeline.finetune.train import fit, predict_logits
-from pipeline.finetune.warmstart import cached_rows, fit_warm_start
+from pipeline.finetune.warmstart import cached_rows, fit_warm_start, keep_or_refit
 from pipeline.heads.batch import make_head
 from pipeline.runtime import place
 
@@ -76,6 +76,7 @@ def run_split(project: Path, seed: int, variants: list[tuple[str, dict]], test_f
         t0 = time.perf_counter()
         res = fit(net, backbone=bb.name, root=prepared.root, train_rows=tr, val_rows=va,
                   transform_spec=bb.transform_spec, cfg=ft, log=lambda s: None, placement=where)
+        net, kept = keep_or_refit(net, res.best_epoch, fs, train, C=ft.head_C, seed=ft.seed, source="cache")
         seconds = time.perf_counter() - t0
         dev = where.device
         # The same network scored plain and with the flip: what tta_flip adds at test time alone.
@@ -88,7 +89,7 @@ def run_split(project: Path, seed: int, variants: list[tuple[str, dict]], test_f
         m = head_metrics(y, probs.argmax(1), probs, n_classes)
         m.update(accuracy_plain=float((scored[False].argmax(1) == y).mean()),
                  accuracy_flip=float((scored[True].argmax(1) == y).mean()),
-                 seconds=round(seconds, 1), best_epoch=res.best_epoch, epochs_run=res.epochs_run,
+                 seconds=round(seconds, 1), best_epoch=res.best_epoch, epochs_run=res.epochs_run, kept=kept,
                  val_start=res.history[0].get("val/accuracy") if res.history else None,
                  best_val=res.best_val_accuracy)
         out[name] = m

@@ -32,7 +32,7 @@ from pipeline.finetune.checkpoint import save_finetuned
 from pipeline.finetune.data import loader, split_validation
 from pipeline.finetune.network import build_network
 from pipeline.finetune.train import FitResult, fit, predict_logits
-from pipeline.finetune.warmstart import fit_warm_start
+from pipeline.finetune.warmstart import fit_warm_start, keep_or_refit
 from pipeline.provenance import made_from, trained_on
 from pipeline.runtime import Placement, place
 
@@ -77,8 +77,10 @@ def run_finetune(cfg: Config, *, prepared_dir, features_dir, out_dir, live_dir, 
         raise PipelineError(f"{prepared_dir} lists no train images; check data.test_fraction")
     train_rows, val_rows = split_validation(rows, ft.val_fraction, ft.seed)
     head = fit_warm_start(fs, train_rows, C=ft.head_C, seed=ft.seed, source=features_file)
-    print(f"finetune: warm-start head: logistic regression, C={ft.head_C:g} (finetune.head_C), fitted on the "
-          f"cached features of {len(train_rows)} train photos; {len(val_rows)} held out for validation", flush=True)
+    warm_C = float(head.named_steps["clf"].C)
+    print(f"finetune: warm-start head: logistic regression, C={warm_C:g} (by cross-validation over finetune.head_C), "
+          f"fitted on the cached features of {len(train_rows)} train photos; {len(val_rows)} held out for "
+          "validation", flush=True)
     net = build_network(bb.features, head)
 
     with Live(dir=str(live_dir), save_dvc_exp=False, dvcyaml=False) as live:
@@ -96,13 +98,16 @@ def run_finetune(cfg: Config, *, prepared_dir, features_dir, out_dir, live_dir, 
             epochs_run=result.epochs_run,
             **({"best_val_accuracy": result.best_val_accuracy} if result.best_val_accuracy is not None else {}),
         )
+    net, kept = keep_or_refit(net, result.best_epoch, fs, rows, C=ft.head_C, seed=ft.seed, source=features_file)
+    if result.best_epoch == 0:
+        print(f"finetune: no epoch beat the warm-start head on validation; the model is a {kept}", flush=True)
     # Scored before anything is written: a test photo that cannot be used (changed since
     # the prepare stage, say) fails the stage with no model left under its final name.
     metrics, y, pred = score_test(net, fs, features_file, prepared_dir, cfg, bb.transform_spec.build(), where)
     training = {**result.summary(), "n_train": len(train_rows), "n_val": len(val_rows)}
     save_finetuned(out_dir, net, bb, prepared.classes, precision=where.precision.name, made_from=made_from(fs.attrs),
                    params=ft.to_dict(), training=training, metrics=metrics, data=trained_on(fs, prepared_dir),
-                   warm_start={"head": "logreg", "C": ft.head_C, "n_train": len(train_rows)})
+                   warm_start={"head": "logreg", "C": warm_C, "n_train": len(train_rows)}, kept=kept)
     reports = Path(reports_dir)
     write_csv(reports / f"confusion_{FINETUNE}.csv", ["actual", "predicted"],
               [[fs.classes[a], fs.classes[p]] for a, p in zip(y, pred)])
@@ -113,7 +118,7 @@ def run_finetune(cfg: Config, *, prepared_dir, features_dir, out_dir, live_dir, 
         FINETUNE: metrics,
         "finetune_run": {"wall_seconds": round(wall, 1), "training_seconds": round(result.seconds, 1),
                          "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
-                         "kept": "warm-start head" if result.best_epoch == 0 else "fine-tuned"},
+                         "kept": kept},
     })
     shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "n_test")
     print(f"finetune: kept epoch {result.best_epoch} ({result.stopped}); test on {metrics['n_test']} images: "

@@ -152,7 +152,13 @@ class _EMA:
 
 
 class _Best:
-    """The best epoch so far: highest validation accuracy, then lowest validation loss."""
+    """The best epoch so far: highest validation accuracy, then lowest validation loss.
+
+    Against epoch 0 (the warm-start head) accuracy alone decides: a fine-tuned
+    epoch replaces it only with strictly more photos right. A lower loss at
+    equal accuracy on a validation slice of a few photos is noise, and losing
+    to the head sends the stage to the guard's head, the user's logreg.
+    """
 
     def __init__(self):
         self.key, self.epoch, self.accuracy, self.state, self.since = None, 0, None, None, 0
@@ -160,7 +166,10 @@ class _Best:
     def offer(self, epoch: int, m: dict, net: nn.Module) -> bool:
         key = (m["val/accuracy"], -m["val/loss"]) if "val/accuracy" in m else (epoch,)
         # Ties go to the earlier epoch: fine-tuning must beat the head, not match it.
-        if self.key is not None and key <= self.key:
+        beats = self.key is None or key > self.key
+        if beats and self.key is not None and self.epoch == 0 and "val/accuracy" in m:
+            beats = m["val/accuracy"] > self.accuracy
+        if not beats:
             self.since += 1
             return False
         self.key, self.epoch, self.accuracy, self.since = key, epoch, m.get("val/accuracy"), 0

@@ -7,15 +7,20 @@ fine-tuning re-run after every edit of ``heads.*``, and would let the slice
 that picks the best epoch be scored by a head that had already seen it.
 
 So fine-tuning fits its own head, in seconds, on the feature cache's rows of
-the photos it trains on (never the validation slice), with a fixed C
-(``finetune.head_C``, chosen once and documented in params.yaml, not on these
-photos). Its scaler folds into the network's linear layer (the heads'
+the photos it trains on (never the validation slice), with C chosen by
+stratified cross-validation over ``finetune.head_C`` on those photos, as the
+heads choose theirs: epoch 0 is then a logistic regression of the user's
+head's quality. Its scaler folds into the network's linear layer (the heads'
 ``to_torch_linear``), so epoch 0 of fine-tuning predicts exactly what this
-head predicts.
+head predicts. When no epoch beats it on the validation slice, the stage
+refits the same head on the whole train split (:func:`fit_warm_start` on all
+of it), so its model is never a head fitted on less data than the user's.
 
 Example:
-    >>> fs = open_cache("data/features/resnet50.h5")                        # doctest: +SKIP
-    >>> head = fit_warm_start(fs, train_rows, C=0.1, seed=0, source="...")   # doctest: +SKIP
+    >>> fs = open_cache("data/features/resnet50.h5")                                 # doctest: +SKIP
+    >>> head = fit_warm_start(fs, train_rows, C=[0.01, 0.1, 1.0], seed=0, source="...")   # doctest: +SKIP
+    >>> head.named_steps["clf"].C                                                    # doctest: +SKIP
+    0.1
 """
 
 from __future__ import annotations
@@ -24,15 +29,18 @@ from collections.abc import Sequence
 
 import numpy as np
 from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import StandardScaler
 
+from pipeline.config.checks import HEAD_KINDS
 from pipeline.data.manifest import Row
 from pipeline.errors import PipelineError
 from pipeline.extract.cache import FeatureSet
-from pipeline.heads.registry import KINDS, check_train_labels
+from pipeline.finetune.network import build_network
+from pipeline.heads.batch import make_head
+from pipeline.heads.registry import check_train_labels
 
 HEAD = "logreg"
-MAX_ITER = 2000
+MAX_ITER = HEAD_KINDS[HEAD]["max_iter"]
+CV_FOLDS = 5  # as heads.cv_folds's default: the guard's head is then the user's logreg
 
 
 def cached_rows(fs: FeatureSet, rows: Sequence[Row], source) -> np.ndarray:
@@ -53,20 +61,38 @@ def cached_rows(fs: FeatureSet, rows: Sequence[Row], source) -> np.ndarray:
     return np.asarray(out, dtype=np.int64)
 
 
-def fit_warm_start(fs: FeatureSet, rows: Sequence[Row], *, C: float, seed: int, source) -> Pipeline:
-    """Scaler + logistic regression (C fixed) fitted on the cached features of ``rows`` only.
+def fit_warm_start(fs: FeatureSet, rows: Sequence[Row], *, C, seed: int, source) -> Pipeline:
+    """Scaler + logistic regression fitted on the cached features of ``rows`` only, C by cross-validation.
 
     Args:
         fs: the feature cache, in memory.
-        rows: the photos fine-tuning trains on (its validation slice excluded).
-        C: ``finetune.head_C``.
+        rows: the photos fine-tuning trains on (its validation slice excluded),
+            or the whole train split for the guard's head.
+        C: ``finetune.head_C``: a number, or candidates chosen among by
+            stratified :data:`CV_FOLDS`-fold cross-validation on ``rows``.
         source: the cache's file name, for errors.
 
     Returns:
-        the fitted ``Pipeline([("scale", ...), ("clf", ...)])``, the same shape as a user's head.
+        the fitted ``Pipeline([("scale", ...), ("clf", ...)])``, the same shape
+        as a user's head; its C is ``named_steps["clf"].C``.
     """
     idx = cached_rows(fs, rows, source)
     X, y = fs.features[idx], fs.labels[idx]
     check_train_labels(y, fs.classes, source)
-    clf = KINDS[HEAD].estimator(MAX_ITER, seed).set_params(C=float(C))
-    return Pipeline([("scale", StandardScaler()), ("clf", clf)]).fit(X, y)
+    return make_head(HEAD, C=C, max_iter=MAX_ITER, cv_folds=CV_FOLDS, seed=seed, y=y).fit(X, y).best_estimator_
+
+
+def keep_or_refit(net, best_epoch: int, fs: FeatureSet, rows: Sequence[Row], *, C, seed: int, source):
+    """The model a fine-tuning run ends with: ``(network, what it is)``.
+
+    The fine-tuned network where an epoch beat the warm start on validation;
+    otherwise the guard's head: the warm start's logistic regression refit on
+    ``rows`` (the whole train split), C by cross-validation again, on the
+    same backbone. Fine-tuning then never ends below the user's logreg head
+    for want of data or of a good C.
+    """
+    if best_epoch:
+        return net, "fine-tuned"
+    head = fit_warm_start(fs, rows, C=C, seed=seed, source=source)
+    kept = f"logreg head (C={float(head.named_steps['clf'].C):g}, refit on all {len(rows)} train photos)"
+    return build_network(net.features, head), kept
