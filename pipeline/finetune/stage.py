@@ -117,10 +117,12 @@ def run_finetune(cfg: Config, *, prepared_dir, features_dir, out_dir, live_dir, 
     write_json(reports / "finetune_metrics.json", {
         FINETUNE: metrics,
         "finetune_run": {"wall_seconds": round(wall, 1), "training_seconds": round(result.seconds, 1),
+                         "train_images_per_second": result.train_images_per_second,
                          "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
                          "kept": kept},
     })
     shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "n_test")
-    print(f"finetune: kept epoch {result.best_epoch} ({result.stopped}); test on {metrics['n_test']} images: "
-          f"{shown}; {wall:.0f} s in all -> {out_dir}", flush=True)
+    rate = f"{result.train_images_per_second:.1f}" if result.train_images_per_second else "-"
+    print(f"finetune: kept epoch {result.best_epoch} ({result.stopped}); trained at {rate} images/s; test on "
+          f"{metrics['n_test']} images: {shown}; {wall:.0f} s in all -> {out_dir}", flush=True)
     return result

@@ -44,6 +44,7 @@ class FitResult:
     stopped: str  # "epochs" | "early stopping" | "max_minutes"
     seconds: float
     history: list = field(default_factory=list)  # one dict per epoch
+    train_images_per_second: float | None = None  # training steps only (forward, backward, update, decoding)
 
     def summary(self) -> dict:
         return {
@@ -52,6 +53,7 @@ class FitResult:
             "epochs_run": self.epochs_run,
             "stopped": self.stopped,
             "seconds": round(self.seconds, 1),
+            "train_images_per_second": self.train_images_per_second,
         }
 
 
@@ -255,6 +257,7 @@ def fit(
         best.offer(0, start, net)
         if on_epoch:
             on_epoch(0, start)
+    images_trained, seconds_training = 0, 0.0
     for epoch in range(1, cfg.epochs + 1):
         if cfg.unfreeze == "progressive" and epoch > 1:
             unfreeze_modules(net, backbone, cfg.unfreeze, epoch)
@@ -285,7 +288,11 @@ def fit(
                 _estimate(log, time.perf_counter() - t_epoch, i, n_batches, len(val_rows), cfg)
             if timed_out:
                 break
-        m = {"train/loss": loss_sum / max(1, seen), "train/accuracy": correct / max(1, seen)}
+        train_seconds = time.perf_counter() - t_epoch
+        images_trained += seen
+        seconds_training += train_seconds
+        m = {"train/loss": loss_sum / max(1, seen), "train/accuracy": correct / max(1, seen),
+             "train/images_per_second": seen / max(train_seconds, 1e-9)}
         if ema is not None:
             ema.swap()  # validate (and keep) the averaged weights; swapped back to train on
         m.update(validate())
@@ -313,8 +320,9 @@ def fit(
     if val_loader is not None and best.epoch == 0:
         log("finetune: fine-tuning did not beat the warm-start head on the validation slice; "
             "keeping the head's weights")
+    rate = round(images_trained / seconds_training, 2) if seconds_training else None
     return FitResult(best.epoch, best.accuracy, epoch if cfg.epochs else 0, stopped,
-                     time.perf_counter() - t_start, history)
+                     time.perf_counter() - t_start, history, rate)
 
 
 def _estimate(log, seconds: float, batches: int, n_batches: int, n_val: int, cfg: FinetuneConfig) -> None:
