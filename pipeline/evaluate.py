@@ -45,7 +45,8 @@ def run_evaluate(cfg: Config, name: str, *, features_dir, heads_dir, prepared_di
         PipelineError: the head's recorded provenance differs from the cache's.
 
     Example:
-        >>> run_evaluate(load_config(), "logreg", features_dir="data/features", models_dir="models",
+        >>> run_evaluate(load_config(), "logreg", features_dir="data/features", heads_dir="data/heads",
+        ...              prepared_dir="data/prepared", models_dir="models",
         ...              reports_dir="reports")   # doctest: +SKIP
     """
     extra = cfg.heads.backbones

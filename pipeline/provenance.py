@@ -132,7 +132,7 @@ def check_record(config, expected: dict, what: str) -> None:
     """Refuse a ``config.json`` that is not this project's, is newer than this code, or differs from ``expected``.
 
     Args:
-        expected: any of :data:`BACKBONE_KEYS` and ``classes``.
+        expected: any of :data:`BACKBONE_KEYS`, ``classes``, ``decoder`` and ``precision``.
 
     Raises:
         PipelineError: one line: what differs, and what to do.
@@ -152,7 +152,8 @@ def check_record(config, expected: dict, what: str) -> None:
     if missing:
         raise PipelineError(f"{what}: config.json lacks {', '.join(missing)}; copy the model folder again, "
                             "or run dvc repro")
-    found = dict(backbone_record(config), classes=config["classes"])
+    found = dict(backbone_record(config), classes=config["classes"],
+                 decoder=config["preprocessing"].get("decoder"), precision=config.get("precision"))
     for key, want in expected.items():
         have = found.get(key)
         if have != want:

@@ -20,12 +20,12 @@ def sample_slice(src: Path, dst: Path, per_class: int, skip: int = 0) -> Path:
 
 
 def heads_reports(root: Path, heads=("logreg", "svm")) -> dict:
-    """The heads' reports and recorded provenance, without what names the run (its git commit).
+    """The heads' reports and their model folders' recorded provenance, without what names the run (its git commit).
 
-    What a fresh run of the same configuration must reproduce exactly.
+    What a fresh run of the same configuration must reproduce exactly. A model
+    folder's record is its ``config.json``'s ``made_from`` (the features it was
+    fitted on), keyed ``models/<head>:made_from``.
     """
-    import joblib
-
     out = {}
     for name in heads:
         for f in (f"reports/cv_{name}.json", f"reports/metrics_{name}.json"):
@@ -34,7 +34,8 @@ def heads_reports(root: Path, heads=("logreg", "svm")) -> dict:
             out[f] = doc
         for f in (f"reports/confusion_{name}.csv", f"reports/per_class_{name}.csv"):
             out[f] = (root / f).read_text()
-        provenance = dict(joblib.load(root / f"models/{name}.joblib")["provenance"])
+        config = json.loads((root / f"models/{name}/config.json").read_text())
+        provenance = dict(config["made_from"])
         provenance.pop("git_commit", None)
-        out[f"models/{name}.joblib:provenance"] = provenance
+        out[f"models/{name}:made_from"] = provenance
     return out

@@ -45,15 +45,19 @@ def imagenet_prob(bb, x: torch.Tensor) -> torch.Tensor:
         return bb.classifier(features_of(bb, x)).softmax(1)
 
 
-def head_prob(head: dict, bb):
-    """A saved head's probabilities of pixels: scikit-learn on ``bb``'s plain features."""
-    return lambda x: head["estimator"].predict_proba(features_of(bb, x).numpy())
+def head_prob(estimator, bb):
+    """A saved head's probabilities of pixels: scikit-learn on ``bb``'s plain features.
+
+    Args:
+        estimator: the head's fitted pipeline (:func:`pipeline.heads.model.load_head`'s first item).
+    """
+    return lambda x: estimator.predict_proba(features_of(bb, x).numpy())
 
 
 def finetuned_prob(path: Path):
     """The fine-tuned network's probabilities of pixels: its plain forward pass, resized and normalised."""
-    net, info = load_finetuned(path)
-    s = TransformSpec.from_dict(info["transform"])
+    net, config = load_finetuned(path)
+    s = TransformSpec.from_dict(config["preprocessing"])
     bb = SimpleNamespace(transform_spec=s, features=lambda x: net(x))  # features_of's resize + normalisation
     return lambda x: features_of(bb, x).softmax(1).numpy()
 

@@ -139,19 +139,30 @@ def test_head_picks_the_C_with_the_best_cv_score_and_saves_it(tmp_path, name):
     assert (search.predict(X) == y).mean() > 0.85
     assert scores(search.best_estimator_, X).shape == (90, 3)
 
-    prov = {"backbone": "resnet18", "weights": "none", "weights_sha256": "", "transform": "t"}
-    path = tmp_path / f"{name}.joblib"
-    save_head(path, search, prov, ["a", "b", "c"])
-    bundle = load_head(path, dict(prov, classes=["a", "b", "c"]))
-    assert bundle["best_C"] == grid[int(np.argmax(expected))]
-    assert bundle["cv_accuracy"] == pytest.approx(max(expected), rel=1e-12)
-    np.testing.assert_array_equal(bundle["estimator"].predict(X), search.predict(X))
+    # A feature cache's attributes, as open_cache gives them (what save_head records of the features).
+    spec = {"resize": 256, "crop": 224, "interpolation": "bilinear", "mean": [0.485, 0.456, 0.406],
+            "std": [0.229, 0.224, 0.225]}
+    attrs = {"backbone": "resnet18", "weights": "none", "weights_sha256": "", "transform": "t", "feature_dim": 8,
+             "preprocessing": json.dumps(spec), "decoder": "pillow-exact", "precision": "fp32"}
+    made = {"backbone": "resnet18", "weights": "none", "git_commit": None}
+    path = tmp_path / name
+    save_head(path, search, attrs=attrs, made_from=made, classes=["a", "b", "c"], kind=name,
+              description=KINDS[name].description)
+    assert path.is_dir() and not list(path.glob("*.joblib"))
+    estimator, config = load_head(path, {"backbone": "resnet18", "weights": "none", "weights_sha256": "",
+                                         "transform": "t", "classes": ["a", "b", "c"]})
+    assert config["head"]["best_C"] == grid[int(np.argmax(expected))]
+    assert config["head"]["cv_accuracy"] == pytest.approx(max(expected), rel=1e-12)
+    assert config["classes"] == ["a", "b", "c"] and config["made_from"] == made
+    assert config["preprocessing"] == {**spec, "decoder": "pillow-exact"} and config["precision"] == "fp32"
+    np.testing.assert_array_equal(estimator.predict(X), search.predict(X))
+    np.testing.assert_array_equal(scores(estimator, X), scores(search.best_estimator_, X))  # bit for bit
     with pytest.raises(PipelineError, match="stale"):
         load_head(path, {"backbone": "vgg16"})
     with pytest.raises(PipelineError, match="stale"):
         load_head(path, {"classes": ["a", "b"]})
-    with pytest.raises(PipelineError, match="not found; run the train_heads stage"):
-        load_head(tmp_path / "missing.joblib")
+    with pytest.raises(PipelineError, match=r"model folder .*missing not found"):
+        load_head(tmp_path / "missing")
 
 
 def test_head_parameter_errors():
@@ -207,12 +218,14 @@ def test_each_declared_head_has_its_stages_outputs_and_plot():
         stages = {s.name: s for s in repo.index.stages}
         for h in heads:
             evaluate = stages[f"evaluate@{h}"]
-            assert f"models/{h}.joblib" in {d.def_path for d in evaluate.deps}
+            assert f"data/heads/{h}" in {d.def_path for d in evaluate.deps}
+            assert "data/prepared/dataset.json" in {d.def_path for d in evaluate.deps}
+            assert f"models/{h}" in {o.def_path for o in evaluate.outs}  # the published model folder
             plots = {o.def_path: o for o in evaluate.outs if o.plot}
             assert f"reports/confusion_{h}.csv" in plots and f"reports/metrics_{h}.json" in {
                 o.def_path for o in evaluate.outs if o.metric}
             outs = {o.def_path for o in stages[f"train_heads@{h}"].outs}
-            assert outs >= {f"models/{h}.joblib", f"reports/cv_{h}.json"}
+            assert outs >= {f"data/heads/{h}", f"reports/cv_{h}.json"}
 
 
 @pytest.mark.parametrize("n_classes", [2, 3])

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from helpers_images import make_class_folder, sha256
 from torch import nn
 
@@ -30,6 +31,7 @@ from pipeline.finetune.network import (
 )
 from pipeline.finetune.train import _optimizer, fit, predict_logits
 from pipeline.heads.batch import make_head
+from pipeline.heads.model import save_head
 from pipeline.serve.predict import best_model
 
 # --------------------------------------------------------------- small helpers
@@ -321,20 +323,26 @@ def test_validation_slice_is_stratified_and_leaves_training_images():
 
 def test_saved_network_round_trips_and_refuses_stale(tmp_path, tiny):
     bb, net, folder, rows = tiny
-    path = tmp_path / "models" / "finetune.pt"
-    save_finetuned(path, net, bb, ["blue", "red"], training={"best_epoch": 0})
-    info = json.loads(path.with_suffix(".json").read_text())
-    assert info["backbone"] == "resnet18" and info["classes"] == ["blue", "red"]
-    assert TransformSpec.from_dict(info["transform"]) == bb.transform_spec
-    assert all(isinstance(v, torch.Tensor) for v in torch.load(path, weights_only=True).values())
-    loaded, _ = load_finetuned(path, {**bb.provenance(), "classes": ["blue", "red"]})
+    path = tmp_path / "models" / "finetune"
+    made = {"backbone": "resnet18", "git_commit": None}
+    save_finetuned(path, net, bb, ["blue", "red"], precision="fp32", made_from=made, training={"best_epoch": 0})
+    assert sorted(p.name for p in path.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    info = json.loads((path / "config.json").read_text())
+    assert info["kind"] == "finetune" and info["backbone"]["name"] == "resnet18"
+    assert info["classes"] == ["blue", "red"] and info["training"] == {"best_epoch": 0}
+    assert info["made_from"] == made and info["precision"] == "fp32"
+    assert TransformSpec.from_dict(info["preprocessing"]) == bb.transform_spec
+    state = load_file(path / "model.safetensors")
+    assert set(state) == set(net.state_dict()) and all(isinstance(v, torch.Tensor) for v in state.values())
+    loaded, config = load_finetuned(path, {**bb.provenance(), "classes": ["blue", "red"]})
+    assert config == info
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), net.eval()(x))
     with pytest.raises(PipelineError, match="classes=.*stale"):
         load_finetuned(path, {"classes": ["cat", "dog"]})
-    with pytest.raises(PipelineError, match="run the finetune stage"):
-        load_finetuned(tmp_path / "nothing.pt")
+    with pytest.raises(PipelineError, match=r"model folder .*nothing not found"):
+        load_finetuned(tmp_path / "nothing")
 
 
 def test_evaluate_scores_the_cache_test_rows_as_the_manifest_lists_them(tmp_path):
@@ -407,11 +415,20 @@ def test_catsdogs_repro_through_finetune_and_a_new_C_reruns_only_that_head(proje
     run = report["finetune_run"]
     assert 0 < run["training_seconds"] <= run["wall_seconds"]
     # Kept: the warm-start head (epoch 0) or a fine-tuned epoch that beat it on validation.
-    info = json.loads((root / "models/finetune.json").read_text())
-    assert info["classes"] == ["cat", "dog"] and info["backbone"] == "efficientnet_lite0"
+    info = json.loads((root / "models/finetune/config.json").read_text())
+    assert info["classes"] == ["cat", "dog"] and info["backbone"]["name"] == "efficientnet_lite0"
+    # The model folders record the test metrics of their reports (predict ranks them by these).
+    assert info["metrics"] == report["finetune"]
+    for h in ("logreg", "svm"):
+        assert json.loads((root / f"models/{h}/config.json").read_text())["metrics"] == metrics[h], h
     assert run["best_epoch"] == info["training"]["best_epoch"] in (0, 1, 2)
     kept_head = "keeping the head's weights" in out
-    assert kept_head == (run["best_epoch"] == 0) == (run["kept"] == "warm-start head"), out
+    # Epoch 0 kept: the model is the guard's head, the logreg refit on all 192 train photos.
+    guard = run["kept"].startswith("logreg head (C=") and run["kept"].endswith("refit on all 192 train photos)")
+    assert kept_head == (run["best_epoch"] == 0) == guard == (run["kept"] != "fine-tuned"), out
+    assert run["kept"] == info["kept"] and run["train_images_per_second"] > 0
+    if guard:  # the user's logreg on the same features: the same test accuracy within a photo
+        assert abs(report["finetune"]["accuracy"] - metrics["logreg"]["accuracy"]) <= 1 / 48 + 1e-9, (report, metrics)
     # Its own head, fitted without the validation slice: 192 train photos, 20 % held out per class.
     assert info["training"]["n_val"] == 38 and info["warm_start"]["n_train"] == 154
     assert report["finetune"]["accuracy"] >= 0.9, report
@@ -421,7 +438,7 @@ def test_catsdogs_repro_through_finetune_and_a_new_C_reruns_only_that_head(proje
     live = json.loads((root / "dvclive/metrics.json").read_text())
     assert {"train", "val", "best_epoch"} <= set(live), live
     assert (root / "dvclive/plots/metrics/val/accuracy.tsv").is_file()
-    state = torch.load(root / "models/finetune.pt", weights_only=True)
+    state = load_file(root / "models/finetune/model.safetensors")
     assert any(k.startswith("head.") for k in state) and any(k.startswith("features.") for k in state)
     shown = json.loads(project.dvc("metrics", "show", "--json").stdout)
     files = next(iter(shown.values()))["data"]
@@ -440,15 +457,41 @@ def test_catsdogs_repro_through_finetune_and_a_new_C_reruns_only_that_head(proje
         assert "train_heads" not in project.dvc("dag", "--dot", stage).stdout, stage
 
 
-def test_predict_finds_the_fine_tuned_network_in_its_own_metrics_file(tmp_path):
-    """predict's default model ranks the heads (metrics_<head>.json) with finetune (finetune_metrics.json)."""
-    (tmp_path / "reports").mkdir()
-    (tmp_path / "models").mkdir()
-    for name in ("logreg.joblib", "svm.joblib", "finetune.pt"):
-        (tmp_path / "models" / name).touch()  # the saved models are ranked by their reports, not opened
-    for head, accuracy in (("logreg", 0.95), ("svm", 0.9)):
-        (tmp_path / f"reports/metrics_{head}.json").write_text(json.dumps({head: {"accuracy": accuracy}}))
-    assert best_model(tmp_path) == "logreg"
-    report = {"finetune": {"accuracy": 0.97}, "finetune_run": {"wall_seconds": 12.0}}
-    (tmp_path / "reports/finetune_metrics.json").write_text(json.dumps(report))
-    assert best_model(tmp_path) == "finetune"
+def _head_folder(models_dir, name, accuracy, kind="logreg"):
+    """A real head's model folder (save_head on small features), recording ``accuracy`` as its test accuracy."""
+    rng = np.random.default_rng(0)
+    X, y = np.concatenate([rng.normal(0, 1, (10, 4)), rng.normal(2, 1, (10, 4))]), np.repeat([0, 1], 10)
+    search = make_head(kind, C=[1.0], cv_folds=2, y=y).fit(X, y)
+    attrs = {"backbone": "resnet18", "weights": "none", "weights_sha256": "", "transform": "t", "feature_dim": 4,
+             "preprocessing": json.dumps(SMALL.to_dict()), "decoder": "pillow-exact", "precision": "fp32"}
+    save_head(models_dir / name, search, attrs=attrs, made_from={"git_commit": None}, classes=["blue", "red"],
+              kind=kind, description=kind, metrics=None if accuracy is None else {"accuracy": accuracy})
+
+
+def test_predict_ranks_the_model_folders_by_their_recorded_test_accuracy(tmp_path, tiny):
+    """predict's default model: the heads' and the fine-tuned network's folders, by the accuracy each config.json records."""
+    bb, net, _, _ = tiny
+    models = tmp_path / "models"
+    _head_folder(models, "logreg", 0.95)
+    _head_folder(models, "svm", 0.9, kind="svm")
+    _head_folder(models, "unscored", None)  # trained, not evaluated: no test accuracy, not ranked
+    (models / "notes").mkdir()  # not a model folder: ignored
+    assert best_model(models) == "logreg"
+
+    def finetune(accuracy):
+        save_finetuned(models / "finetune", net, bb, ["blue", "red"], precision="fp32", made_from={},
+                       metrics={"accuracy": accuracy})
+
+    finetune(0.97)
+    assert best_model(models) == "finetune"
+    finetune(0.95)  # a tie: the head first (cheaper, and logreg gives probabilities)
+    assert best_model(models) == "logreg"
+    finetune(0.96)
+    assert best_model(models) == "finetune"
+    _head_folder(models, "svm", 0.99, kind="svm")
+    assert best_model(models) == "svm"
+
+    empty = tmp_path / "empty"
+    _head_folder(empty, "unscored", None)
+    with pytest.raises(PipelineError, match=r"no model in .*empty records a test accuracy \(unscored\)"):
+        best_model(empty)

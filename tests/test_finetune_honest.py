@@ -1,4 +1,5 @@
-"""Fine-tuning's honest validation slice: no fitted head sees it, and epoch 0 (the head) can win."""
+"""Fine-tuning's honest validation slice: no fitted head sees it, epoch 0 (the head) can win, and then the
+model is the guard's head: the same logistic regression refit on the whole train split."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
@@ -53,8 +55,9 @@ def small_project(tmp_path, catsdogs):
     # Training that can only make the head worse (lr 10 on the head), so epoch 0
     # must win: real features give the head a validation score to keep. The
     # backbone's last stage trains too, so that every weight moves in epoch 1.
+    # One C: cross-validation over a grid on 8 photos would be this test's noise, not its subject.
     ft = FinetuneConfig(epochs=1, batch_size=4, unfreeze="last", lr_head=10.0, val_fraction=0.25,
-                        device="cpu", precision="fp32", patience=1)
+                        device="cpu", precision="fp32", patience=1, head_C=[0.1])
     cfg = Config(backbone=backbone, finetune=ft, evaluate=EvaluateConfig())
     yield tmp_path, cfg
     torch.set_num_threads(threads)
@@ -70,7 +73,7 @@ def _poison(cache, paths) -> None:
 
 def _run(tmp_path, cfg):
     return run_finetune(cfg, prepared_dir=tmp_path / "prepared", features_dir=tmp_path / "features",
-                        out_path=tmp_path / "models/finetune.pt", live_dir=tmp_path / "dvclive",
+                        out_dir=tmp_path / "models/finetune", live_dir=tmp_path / "dvclive",
                         reports_dir=tmp_path / "reports")
 
 
@@ -82,49 +85,59 @@ def test_no_validation_image_reaches_the_warm_start_head(small_project, capsys):
     cache = tmp_path / "features/efficientnet_lite0.h5"
     _poison(cache, [r.path for r in val_rows])
 
-    result = _run(tmp_path, cfg)  # the validation photos' features are NaN: no head may have read them
-
+    # The validation photos' features are NaN: the warm start and the choice of the epoch run
+    # on the other photos; only the guard's head, fitted once the choice is made, reads them all.
+    with pytest.raises(ValueError, match="NaN"):
+        _run(tmp_path, cfg)
     out = capsys.readouterr().out
     assert "fitted on the cached features of 8 train photos; 4 held out for validation" in out
-    assert "epoch 0 (the warm-start head): validation" in out
-    # Training at lr 10 cannot beat the head on validation: epoch 0 is kept, and said so.
-    assert result.best_epoch == 0, out
+    assert "epoch 0 (the warm-start head): validation" in out and "finetune: epoch 1: " in out
     assert "fine-tuning did not beat the warm-start head on the validation slice; keeping the head's weights" in out
-    net, info = load_finetuned(tmp_path / "models/finetune.pt")
-    assert info["training"]["best_epoch"] == 0 and info["warm_start"] == {"head": "logreg", "C": 0.1, "n_train": 8}
-    # Kept means the start's weights, bit for bit, though epoch 1 moved them (its
-    # validation loss differs): the backbone as loaded, and the warm-start head
-    # (the logistic regression of the fitting part, its scaler folded in).
-    assert result.history[1]["val/loss"] != result.history[0]["val/loss"]
-    start = build_network(load_backbone("efficientnet_lite0", "DEFAULT").features,
-                          fit_warm_start(open_cache(cache), fit_rows, C=0.1, seed=0, source=cache)).state_dict()
-    saved = torch.load(tmp_path / "models/finetune.pt", weights_only=True)
-    assert saved.keys() == start.keys()
-    for k in ("head.weight", "head.bias"):
-        assert torch.equal(saved[k], start[k]), f"the saved {k} is not the warm-start head's"
-    differ = [k for k, v in start.items() if not torch.equal(saved[k], v)]
-    assert not differ, f"models/finetune.pt is not epoch 0's network: {differ[:5]} ... ({len(differ)} tensors)"
-    report = json.loads((tmp_path / "reports/finetune_metrics.json").read_text())
-    assert set(report["finetune"]) == {"accuracy", "mean_class_accuracy", "macro_f1", "n_test"}
-    assert report["finetune"]["n_test"] == 4 and report["finetune_run"]["kept"] == "warm-start head"
-    assert report["finetune_run"]["wall_seconds"] >= report["finetune_run"]["training_seconds"] > 0
-    # The check can fail: poison one photo of the fitting part and the head's fit refuses it.
+    # The check can fail: poison one photo of the fitting part and the warm start refuses it at once.
     _poison(cache, [fit_rows[0].path])
     with pytest.raises(ValueError, match="NaN"):
         _run(tmp_path, cfg)
+    assert "finetune: epoch" not in capsys.readouterr().out
 
 
-def test_warm_start_head_is_the_logistic_regression_of_the_fitting_part(small_project):
-    """Epoch 0's network equals scaler + logistic regression (C = finetune.head_C) on the other photos."""
+def test_when_the_head_wins_the_model_is_the_guards_head(small_project, capsys):
+    """Epoch 1 (lr 10) loses to epoch 0: the model is the backbone as loaded with the head refit on all photos."""
+    tmp_path, cfg = small_project
+    train = read_prepared(tmp_path / "prepared").split("train")
+    cache = tmp_path / "features/efficientnet_lite0.h5"
+    result = _run(tmp_path, cfg)
+    out = capsys.readouterr().out
+    assert result.best_epoch == 0, out
+    assert result.history[1]["val/loss"] != result.history[0]["val/loss"]  # epoch 1 did move the weights
+    assert "no epoch beat the warm-start head on validation; the model is a logreg head (C=0.1, refit on all " \
+           "12 train photos)" in out
+    net, info = load_finetuned(tmp_path / "models/finetune")
+    assert info["training"]["best_epoch"] == 0 and info["warm_start"] == {"head": "logreg", "C": 0.1, "n_train": 8}
+    guard = build_network(load_backbone("efficientnet_lite0", "DEFAULT").features,
+                          fit_warm_start(open_cache(cache), train, C=[0.1], seed=0, source=cache)).state_dict()
+    saved = load_file(tmp_path / "models/finetune/model.safetensors")
+    assert saved.keys() == guard.keys()
+    differ = [k for k, v in guard.items() if not torch.equal(saved[k], v)]
+    assert not differ, f"models/finetune is not the guard's network: {differ[:5]} ... ({len(differ)} tensors)"
+    report = json.loads((tmp_path / "reports/finetune_metrics.json").read_text())
+    assert set(report["finetune"]) == {"accuracy", "mean_class_accuracy", "macro_f1", "n_test"}
+    assert report["finetune"]["n_test"] == 4
+    assert report["finetune_run"]["kept"] == info["kept"] == "logreg head (C=0.1, refit on all 12 train photos)"
+    assert report["finetune_run"]["wall_seconds"] >= report["finetune_run"]["training_seconds"] > 0
+    assert info["metrics"] == report["finetune"]  # the model folder records the same test metrics
+
+
+def test_the_guards_head_is_the_logistic_regression_of_the_whole_train_split(small_project):
+    """With nothing trained (epochs 0), the network's head equals scaler + logistic regression on every train photo."""
     tmp_path, cfg = small_project
     cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, epochs=0))
     _run(tmp_path, cfg)
-    net, _ = load_finetuned(tmp_path / "models/finetune.pt")
+    net, _ = load_finetuned(tmp_path / "models/finetune")
     train = read_prepared(tmp_path / "prepared").split("train")
-    fit_rows, _ = split_validation(train, cfg.finetune.val_fraction, cfg.finetune.seed)
     with h5py.File(tmp_path / "features/efficientnet_lite0.h5", "r") as h5:
-        rows = np.isin(h5["paths"].asstr()[:], [r.path for r in fit_rows])
+        rows = np.isin(h5["paths"].asstr()[:], [r.path for r in train])
         X, y = h5["features"][:][rows], h5["labels"][:][rows]
+    assert len(y) == 12
     reference = Pipeline([("scale", StandardScaler()),
                           ("clf", LogisticRegression(C=0.1, max_iter=2000, random_state=0))]).fit(X, y)
     expected = to_torch_linear(reference)

@@ -110,7 +110,8 @@ def _cache(path):
     order = list(range(n, n + 30)) + list(range(n))
     features = np.concatenate([X, X_test])[order]
     prov = {"backbone": "b", "weights": "w", "weights_sha256": "", "transform": "t"}
-    with CacheWriter(path, dim, cache_attrs(prov, ["a", "b", "c"], "pillow", "fp32", dim)) as w:
+    spec = {"resize": 36, "crop": 32, "interpolation": "bilinear", "mean": [0.5] * 3, "std": [0.25] * 3}
+    with CacheWriter(path, dim, cache_attrs(prov, ["a", "b", "c"], "pillow", "fp32", dim, preprocessing=spec)) as w:
         w.append(features, [rows[i] for i in order])
     return X, y
 
@@ -129,13 +130,14 @@ def test_train_head_chooses_C_as_an_independent_grid_search_does(tmp_path, name)
     # The data make the choice mean something: one best C, neither the grid's first nor a tie.
     assert reference.best_index_ != 0 and (means == means.max()).sum() == 1, means
 
-    summary = train_head(name=name, features_file=tmp_path / "f.h5", models_dir=tmp_path / "models",
+    summary = train_head(name=name, features_file=tmp_path / "f.h5", heads_dir=tmp_path / "heads",
                          C=GRIDS[name], max_iter=MAX_ITER[name], cv_folds=FOLDS, seed=SEED)
 
     assert summary["best_C"] == reference.best_params_["clf__C"], (summary, means)
     assert summary["cv_accuracy"] == round(float(reference.best_score_), 6), (summary, means)
     assert summary["n_train"] == 60
     # The saved head is the reference's refit on the whole train split.
-    saved = load_head(head_path(tmp_path / "models", name))["estimator"]
+    saved, config = load_head(head_path(tmp_path / "heads", name))
+    assert config["head"]["best_C"] == summary["best_C"] and config["classes"] == ["a", "b", "c"]
     probe = np.random.default_rng(1).normal(size=(5, X.shape[1])).astype("f4")
     np.testing.assert_allclose(saved.decision_function(probe), reference.decision_function(probe), rtol=1e-6, atol=1e-8)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import joblib
 import numpy as np
 import pytest
 
@@ -13,6 +12,7 @@ from pipeline.errors import PipelineError
 from pipeline.extract.cache import (
     FeatureSet, concatenate, features_path, head_features_paths, open_cache, write_extra_index,
 )
+from pipeline.heads.model import load_head
 
 
 def _set(rows, dim, value, backbone):
@@ -112,10 +112,11 @@ def test_repro_trains_heads_on_two_backbones(project, catsdogs):
     out = project.dvc("repro", "train_heads@logreg").stdout
     assert "Running stage 'extract_extra'" in out, out
     root = project.path
-    head = joblib.load(root / "models/logreg.joblib")
-    assert head["estimator"].named_steps["scale"].n_features_in_ == 1280 + 1280
-    assert head["provenance"]["backbone"] == "efficientnet_lite0 + efficientnet_lite2"
-    assert head["provenance"]["heads_backbones"] == ["efficientnet_lite2"]
+    estimator, config = load_head(root / "data/heads/logreg")  # train_heads' folder; evaluate publishes it
+    assert estimator.named_steps["scale"].n_features_in_ == 1280 + 1280
+    assert config["backbone"]["feature_dim"] == 1280 + 1280
+    assert config["made_from"]["backbone"] == "efficientnet_lite0 + efficientnet_lite2"
+    assert config["made_from"]["heads_backbones"] == ["efficientnet_lite2"]
     main = open_cache(root / "data/features/efficientnet_lite0.h5")
     extra = open_cache(root / "data/features/extra/efficientnet_lite2.h5")
     both = open_cache([root / "data/features/efficientnet_lite0.h5", root / "data/features/extra/efficientnet_lite2.h5"])

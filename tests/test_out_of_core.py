@@ -24,6 +24,7 @@ from pipeline.heads.batch import make_head
 from pipeline.heads.model import load_head, scores, to_torch_linear
 from pipeline.heads.streaming import StreamingHead
 from pipeline.heads.train import train_head
+from pipeline.provenance import BACKBONE_KEYS, check_made_from
 
 LOGREG_C = [0.01, 0.1, 1.0]  # the default grid of params.yaml
 CHUNK = 16  # rows per read: 192 train rows -> a dozen chunks and more
@@ -102,7 +103,7 @@ def test_streamed_logreg_matches_in_memory_and_reads_only_chunks(catsdogs_featur
 @pytest.mark.sample_data
 def test_train_head_streams_saves_and_folds_into_torch(catsdogs_features, tmp_path):
     summary = train_head(
-        name="logreg", features_file=catsdogs_features, models_dir=tmp_path / "models", C=LOGREG_C,
+        name="logreg", features_file=catsdogs_features, heads_dir=tmp_path / "heads", C=LOGREG_C,
         out_of_core=True, epochs=5, chunk_rows=CHUNK, seed=0, report_path=tmp_path / "cv_logreg.json",
     )
     exact = _exact_holdout_accuracy(catsdogs_features, LOGREG_C)
@@ -113,11 +114,14 @@ def test_train_head_streams_saves_and_folds_into_torch(catsdogs_features, tmp_pa
     assert report.keys() == {"logreg", "made_from"} and report["logreg"] == summary
 
     fs = open_cache(catsdogs_features)
-    expected = {k: fs.attrs[k] for k in CHECKED_ATTRS if k in fs.attrs}
+    expected = {k: fs.attrs[k] for k in BACKBONE_KEYS if k in fs.attrs}
     expected["classes"] = fs.classes
-    bundle = load_head(tmp_path / "models" / "logreg.joblib", expected)
-    assert bundle["best_C"] == summary["best_C"]
-    est = bundle["estimator"]
+    est, config = load_head(tmp_path / "heads" / "logreg", expected)
+    assert config["head"]["best_C"] == summary["best_C"]
+    # It records the features it was fitted on: every checked attribute of the cache, and the preprocessing.
+    recorded = {k: v for k, v in config["made_from"].items() if k != "git_commit"}
+    assert recorded == {**{k: fs.attrs[k] for k in CHECKED_ATTRS if k in fs.attrs}, "heads_backbones": []}
+    assert config["preprocessing"] == {**json.loads(fs.attrs["preprocessing"]), "decoder": fs.attrs["decoder"]}
     assert list(est.named_steps) == ["scale", "clf"]
     Xt, _ = fs.subset("test")
     layer = to_torch_linear(est)
@@ -126,7 +130,11 @@ def test_train_head_streams_saves_and_folds_into_torch(catsdogs_features, tmp_pa
     np.testing.assert_array_equal(logits.argmax(1).numpy(), est.predict(Xt))
     np.testing.assert_allclose(logits.softmax(1).numpy(), est.predict_proba(Xt), rtol=1e-4, atol=1e-5)
     with pytest.raises(PipelineError, match="stale"):
-        load_head(tmp_path / "models" / "logreg.joblib", dict(expected, decoder="another"))
+        load_head(tmp_path / "heads" / "logreg", dict(expected, weights_sha256="0" * 64))
+    # Features decoded otherwise are refused where the head is scored on them (evaluate's check).
+    check_made_from(config["made_from"], fs.attrs, (), "head", "cache")
+    with pytest.raises(PipelineError, match="head was made from decoder=.*the head is stale"):
+        check_made_from(config["made_from"], dict(fs.attrs, decoder="another"), (), "head", "cache")
 
     # The hinge head has no probabilities: scores are its margins, and it folds too.
     svm = StreamingHead("svm", C=0.001, epochs=3).fit(open_cache(catsdogs_features, stream=True, chunk_rows=CHUNK))
@@ -141,14 +149,14 @@ def test_train_head_streams_saves_and_folds_into_torch(catsdogs_features, tmp_pa
 @pytest.mark.sample_data
 def test_train_head_in_memory_is_make_head_on_the_cache(catsdogs_features, tmp_path):
     """The in-memory path of train_head fits exactly make_head's GridSearchCV (same folds, same seed)."""
-    summary = train_head(name="svm", features_file=catsdogs_features, models_dir=tmp_path, C=[1e-4, 1e-3],
+    summary = train_head(name="svm", features_file=catsdogs_features, heads_dir=tmp_path, C=[1e-4, 1e-3],
                          max_iter=10000, cv_folds=5, seed=0, report_path=tmp_path / "cv_svm.json")
     fs = open_cache(catsdogs_features)
     X, y = fs.subset("train")
     search = make_head("svm", C=[1e-4, 1e-3], max_iter=10000, cv_folds=5, seed=0, y=y).fit(X, y)
     assert summary == {"best_C": search.best_params_["clf__C"], "cv_accuracy": round(search.best_score_, 6),
                        "n_train": 192}
-    saved = load_head(tmp_path / "svm.joblib")["estimator"]
+    saved, _ = load_head(tmp_path / "svm")
     np.testing.assert_array_equal(saved.decision_function(X), search.best_estimator_.decision_function(X))
 
 
@@ -221,4 +229,4 @@ def test_bad_settings_and_files_are_one_line_errors(tmp_path):
     with pytest.raises(PipelineError, match="not found"):
         open_cache(tmp_path / "missing.h5", stream=True)
     with pytest.raises(PipelineError, match=r"heads\.train\.svm\.C must be"):  # checked before the cache is read
-        train_head(name="svm", features_file=tmp_path / "missing.h5", models_dir=tmp_path, C="big")
+        train_head(name="svm", features_file=tmp_path / "missing.h5", heads_dir=tmp_path, C="big")

@@ -25,6 +25,16 @@ def _repro_folder(project, folder, target="evaluate", **extra):
     return project.dvc("repro", *([target] if target else []))
 
 
+def _contents(root, paths) -> dict:
+    """The bytes of each file of ``paths`` (relative to ``root``), a model folder's files one by one."""
+    out = {}
+    for name in paths:
+        path = root / name
+        for f in sorted(path.rglob("*")) if path.is_dir() else [path]:
+            out[str(f.relative_to(root))] = f.read_bytes()
+    return out
+
+
 def _check_schema(h5_path, n_expected, classes):
     with h5py.File(h5_path, "r") as h5:
         assert h5["features"].shape == (n_expected, 1280)
@@ -94,7 +104,7 @@ def test_catsdogs_repro_metrics_schema_and_granular_rerun(project, catsdogs):
     assert set(ideal) == {"cat", "dog", "in285_egyptian_cat"}
     # Drawn with the fine-tuned network (visualize.model's default), not a head.
     check_ideal(ideal, root / "reports/visualize/ideal", load_backbone("efficientnet_lite0"), classes,
-                finetuned_prob(root / "models/finetune.pt"))
+                finetuned_prob(root / "models/finetune"))
     attack = json.loads((root / "reports/visualize/attack.json").read_text())
     assert (attack["source"], attack["target"]) == ("dog", "cat")
     rates = [e["success_rate"] for e in attack["eps"].values()]
@@ -112,8 +122,10 @@ def test_catsdogs_repro_metrics_schema_and_granular_rerun(project, catsdogs):
     project.commit("first run")
     first_c = json.loads((root / "reports/cv_logreg.json").read_text())["logreg"]["best_C"]
     before = h5_path.stat().st_mtime_ns
-    unchanged = {f: (root / f).read_bytes() for f in ("models/finetune.pt", "reports/finetune_metrics.json",
-                                                       "reports/visualize/ideal.json", "models/svm.joblib")}
+    unchanged = _contents(root, ("models/finetune", "reports/finetune_metrics.json", "reports/visualize/ideal.json",
+                                 "models/svm"))
+    assert "models/finetune/model.safetensors" in unchanged and "models/svm/config.json" in unchanged
+    logreg = _contents(root, ["models/logreg"])
     project.set_params(heads={"train": {"logreg": {"C": [0.5]}}})
     out = project.dvc("repro").stdout
     # prepare always re-scans the photo folder (always_changed); its manifest is unchanged.
@@ -121,9 +133,15 @@ def test_catsdogs_repro_metrics_schema_and_granular_rerun(project, catsdogs):
     for stage in ("extract", "extract_extra", "train_heads@svm", "evaluate@svm", "finetune", "visualize"):
         assert f"Stage '{stage}' didn't change, skipping" in out, (stage, out)
     assert h5_path.stat().st_mtime_ns == before
-    assert {f: (root / f).read_bytes() for f in unchanged} == unchanged
+    assert _contents(root, ("models/finetune", "reports/finetune_metrics.json", "reports/visualize/ideal.json",
+                            "models/svm")) == unchanged
     cv = json.loads((root / "reports/cv_logreg.json").read_text())
     assert cv["logreg"]["best_C"] == 0.5
+    # evaluate@logreg published the new head, with the new C and its new test metrics.
+    assert _contents(root, ["models/logreg"]) != logreg
+    config = json.loads((root / "models/logreg/config.json").read_text())
+    assert config["head"]["best_C"] == 0.5
+    assert config["metrics"] == json.loads((root / "reports/metrics_logreg.json").read_text())["logreg"]
 
     # metrics diff compares the workspace with the committed run.
     diff = json.loads(project.dvc("metrics", "diff", "HEAD", "--json").stdout)
@@ -150,12 +168,12 @@ def test_backbone_switch_and_back_restores_from_run_cache(project, catsdogs):
 
     _repro_folder(project, catsdogs, heads={"cv_folds": 3})
     first = heads_reports(project.path)
-    assert first["models/logreg.joblib:provenance"]["backbone"] == "efficientnet_lite0"
+    assert first["models/logreg:made_from"]["backbone"] == "efficientnet_lite0"
     project.commit("lite0")
     project.set_params(backbone={"name": "resnet18", "weights": "none"})
     out = project.dvc("repro", "evaluate").stdout
     assert "Running stage 'extract'" in out
-    assert heads_reports(project.path)["models/logreg.joblib:provenance"]["backbone"] == "resnet18"
+    assert heads_reports(project.path)["models/logreg:made_from"]["backbone"] == "resnet18"
     project.set_params(backbone={"name": "efficientnet_lite0", "weights": "DEFAULT"})
     out = project.dvc("repro", "evaluate").stdout
     assert "Stage 'extract' is cached - skipping run, checking out outputs" in out, out

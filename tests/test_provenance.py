@@ -21,11 +21,14 @@ ROWS = [Row(f"{c}/{i}.jpg", k, "test" if i < 3 else "train", f"{k}{i:063x}")
         for k, c in enumerate(CLASSES) for i in range(12)]
 
 
+SPEC = {"resize": 36, "crop": 32, "interpolation": "bilinear", "mean": [0.5] * 3, "std": [0.25] * 3}
+
+
 def _cache(path, backbone="bb", precision="fp32", shift=0.0, rows=ROWS):
     rng = np.random.default_rng(0)
     X = (rng.normal(0, 1, (len(rows), 8)) + np.array([r.label for r in rows])[:, None] * 2 + shift).astype("f4")
     attrs = cache_attrs({"backbone": backbone, "weights": "w", "weights_sha256": "0" * 64, "transform": "t"},
-                        CLASSES, "pillow-exact", precision, 8, rows)
+                        CLASSES, "pillow-exact", precision, 8, rows, preprocessing=SPEC)
     path.parent.mkdir(parents=True, exist_ok=True)
     with CacheWriter(path, 8, attrs) as w:
         w.append(X, rows)
@@ -37,8 +40,18 @@ def _cfg(backbone="bb"):
 
 
 def _train(tmp_path, features):
-    return train_head(name="logreg", features_file=[features], models_dir=tmp_path / "models", C=[1.0],
+    return train_head(name="logreg", features_file=[features], heads_dir=tmp_path / "heads", C=[1.0],
                       cv_folds=2, report_path=tmp_path / "reports/cv_logreg.json")
+
+
+def _evaluate(tmp_path, backbone="bb"):
+    """The evaluate stage on the head of :func:`_train`; ``prepared/dataset.json`` is the prepare stage's."""
+    prepared = tmp_path / "prepared"
+    if not (prepared / "dataset.json").is_file():
+        prepared.mkdir(parents=True, exist_ok=True)
+        (prepared / "dataset.json").write_text(json.dumps({"source": "folder", "root": "photos"}))
+    return run_evaluate(_cfg(backbone), "logreg", features_dir=tmp_path / "features", heads_dir=tmp_path / "heads",
+                        prepared_dir=prepared, models_dir=tmp_path / "models", reports_dir=tmp_path / "reports")
 
 
 def test_the_cache_records_its_manifest_and_content(tmp_path):
@@ -56,17 +69,25 @@ def test_a_head_and_its_reports_record_what_they_were_made_from(tmp_path):
     write_extra_index(tmp_path / "features/extra", [])
     _train(tmp_path, features)
     attrs = open_cache(features).attrs
-    made = load_head(tmp_path / "models/logreg.joblib")["provenance"]
+    _, config = load_head(tmp_path / "heads/logreg")
+    made = config["made_from"]
     for key in ("backbone", "weights", "weights_sha256", "transform", "decoder", "precision", "manifest_sha256",
                 "content_sha256"):
         assert made[key] == attrs[key], key
     assert made["heads_backbones"] == [] and "git_commit" in made
     assert json.loads((tmp_path / "reports/cv_logreg.json").read_text())["made_from"] == made
-    run_evaluate(_cfg(), "logreg", features_dir=tmp_path / "features", models_dir=tmp_path / "models",
-                 reports_dir=tmp_path / "reports")
+    assert not (tmp_path / "models/logreg").exists()  # published by evaluate, once scored
+    _evaluate(tmp_path)
     report = json.loads((tmp_path / "reports/metrics_logreg.json").read_text())
     assert report["made_from"]["content_sha256"] == attrs["content_sha256"]
     assert report["logreg"]["n_test"] == 6
+    # The published model folder: the same head and record, with its test metrics and data.
+    _, published = load_head(tmp_path / "models/logreg")
+    assert published["made_from"] == made and published["metrics"] == report["logreg"]
+    assert published["data"] == {"source": "folder", "root": "photos", "n_train": 18, "n_test": 6,
+                                 "train_per_class": [9, 9]}
+    assert (tmp_path / "models/logreg/model.safetensors").read_bytes() == \
+        (tmp_path / "heads/logreg/model.safetensors").read_bytes()
 
 
 @pytest.mark.parametrize("change, key, old, new", [
@@ -80,13 +101,13 @@ def test_evaluate_refuses_a_head_made_from_other_features(tmp_path, change, key,
     _train(tmp_path, made_with)
     _cache(tmp_path / "features/bb.h5", **change)  # the cache changed under the head (a stale graph)
     with pytest.raises(PipelineError) as e:
-        run_evaluate(_cfg(), "logreg", features_dir=tmp_path / "features", models_dir=tmp_path / "models",
-                     reports_dir=tmp_path / "reports")
+        _evaluate(tmp_path)
     msg = str(e.value)
-    assert f"head {tmp_path / 'models/logreg.joblib'} was made from {key}={old}" in msg
+    assert f"head {tmp_path / 'heads/logreg'} was made from {key}={old}" in msg
     assert f"but {tmp_path / 'features/bb.h5'} has {key}={new}" in msg and "run dvc repro" in msg
     assert "\n" not in msg
     assert not (tmp_path / "reports/metrics_logreg.json").exists()
+    assert not (tmp_path / "models/logreg").exists()  # nothing published
 
 
 def test_evaluate_refuses_a_head_of_another_backbone(tmp_path):
@@ -95,8 +116,7 @@ def test_evaluate_refuses_a_head_of_another_backbone(tmp_path):
     _train(tmp_path, _cache(tmp_path / "features/bb.h5", backbone="lite2"))
     _cache(tmp_path / "features/bb.h5", backbone="lite0")
     with pytest.raises(PipelineError, match="was made from backbone='lite2' but .* has backbone='lite0'"):
-        run_evaluate(_cfg(), "logreg", features_dir=tmp_path / "features", models_dir=tmp_path / "models",
-                     reports_dir=tmp_path / "reports")
+        _evaluate(tmp_path)
 
 
 def test_predict_refuses_a_head_whose_features_saw_other_decoding(tmp_path):
@@ -108,6 +128,7 @@ def test_predict_refuses_a_head_whose_features_saw_other_decoding(tmp_path):
     with h5py.File(features, "a") as h5:
         h5.attrs["decoder"] = "pillow"
     _train(tmp_path, features)
-    bundle = load_bundle(tmp_path / "models/logreg.joblib")
+    bundle = load_bundle(tmp_path / "heads/logreg")
+    assert bundle.config["preprocessing"]["decoder"] == "pillow"
     with pytest.raises(PipelineError, match=r"made with decoder='pillow' .* scoring decodes with 'pillow-exact'"):
-        bundle.transform_spec  # what predict and visualize build their preprocessing from
+        bundle.backbone  # what predict and visualize score through (bundle.scores, bundle.network)

@@ -11,6 +11,7 @@ from helpers_images import image_bytes, make_class_folder, write
 from pipeline.data.manifest import read_prepared
 from pipeline.extract.cache import open_cache
 from pipeline.heads.model import load_head
+from pipeline.model_folder import model_folders
 
 pytestmark = pytest.mark.slow
 
@@ -61,11 +62,13 @@ def test_tiny_folder_runs_through_with_random_weights(tiny_project):
     shown = json.loads(project.dvc("metrics", "show", "--json").stdout)
     reported = {head: m for f in next(iter(shown.values()))["data"].values()
                 for head, m in f.get("data", {}).items() if isinstance(m, dict) and "accuracy" in m}
-    heads = sorted(p.stem for p in (root / "models").glob("*.joblib"))
+    # evaluate publishes each head it scored as the model folder models/<head>; finetune did not run.
+    heads = model_folders(root / "models")
     assert "logreg" in heads and sorted(reported) == heads, (heads, reported)
     for head in heads:
         m = reported[head]
-        estimator = load_head(root / "models" / f"{head}.joblib")["estimator"]
+        estimator, config = load_head(root / "models" / head)
+        assert config["metrics"] == m, (head, config["metrics"], m)
         assert m["n_test"] == len(y_test), (head, m)
         assert m["accuracy"] == pytest.approx(float(np.mean(estimator.predict(X_test) == y_test)), abs=1e-6), head
         assert 0 <= m["mean_class_accuracy"] <= 1 and 0 <= m["macro_f1"] <= 1, (head, m)

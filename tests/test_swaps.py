@@ -3,7 +3,7 @@
 Each sequence runs the real ``dvc repro`` (and once ``dvc exp run -S``) in a
 temporary git repository on a small slice of the sample photos. After going
 X -> Y -> X, every head's reports (cross-validation, test metrics, per-class
-table, confusion data) and the provenance recorded in its model file must
+table, confusion data) and the provenance recorded in its model folder must
 equal those of the first, fresh run of X, and ``dvc status`` must be clean:
 DVC never shows one configuration's numbers under another's name.
 """
@@ -59,7 +59,7 @@ def test_each_swap_and_back_gives_the_fresh_runs_results(project, catsdogs, tmp_
     # backbone A -> B -> A
     middle = _repro(project, backbone={"name": B})
     assert middle["reports/metrics_logreg.json"]["made_from"]["backbone"] == B
-    assert middle["models/logreg.joblib:provenance"]["backbone"] == B
+    assert middle["models/logreg:made_from"]["backbone"] == B
     _same(_repro(project, backbone={"name": A}), fresh, f"backbone {A} -> {B} -> {A}")
     _clean(project)
 

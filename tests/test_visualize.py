@@ -1,7 +1,8 @@
 """The visualize stage: optvis parts, the networks on pixels, ideal images, PGD, the stage's outputs.
 
 The sample-data tests share two small catsdogs projects built once per session
-by the real stage scripts (prepare, extract, train_heads@logreg) on 40 cats + 40
+by the real stage scripts (prepare, extract, train_heads@logreg, evaluate@logreg,
+which publishes the head's model folder models/logreg) on 40 cats + 40
 dogs: one on efficientnet_lite0 (the attacked model) and one on
 efficientnet_lite2 (the network the attack transfers to). Everything runs on
 the CPU; the stage's numbers are checked against values computed here
@@ -82,7 +83,7 @@ def _build(root: Path, photos: Path, backbone: str) -> Path:
     }
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    for stage in (["prepare"], ["extract"], ["extract", "--extra"], ["train_heads", "logreg"]):
+    for stage in (["prepare"], ["extract"], ["extract", "--extra"], ["train_heads", "logreg"], ["evaluate", "logreg"]):
         subprocess.run([sys.executable, "-m", f"stages.{stage[0]}", *stage[1:]], cwd=root, env=env, check=True,
                        capture_output=True)
     return root
@@ -109,7 +110,7 @@ def _config(visualize: dict, backbone: str = BACKBONE):
 
 def _run(root: Path, out: Path, **visualize) -> dict:
     """The stage with the project's logreg head (these projects have no fine-tuned network)."""
-    visualize.setdefault("model", str(root / "models/logreg.joblib"))
+    visualize.setdefault("model", str(root / "models/logreg"))
     return run_visualize(_config(visualize), prepared_dir=root / "data/prepared", out_dir=out, progress=False)
 
 
@@ -226,8 +227,13 @@ def test_settings_are_checked():
     bad = [
         ({"param": "wavelet"}, "visualize.param"),
         ({"stpes": 3}, "visualize.stpes"),
-        ({"model": "forest"}, "visualize.model must be a model file"),
-        ({"model": "logreg"}, r"models/<head>.joblib \(a head of heads.train\)"),
+        # A model folder: the files of the layout before model folders (pickles) are refused, saying what to give.
+        ({"model": "models/finetune.pt"}, r"visualize.model must be a model folder: models/finetune "
+                                          r"\(the fine-tuned network\) or models/<head> \(a head of heads.train\), "
+                                          r"found 'models/finetune.pt'"),
+        ({"model": "models/finetune.json"}, r"visualize.model must be a model folder"),
+        ({"model": "models/logreg.joblib"}, r"models/<head> \(a head of heads.train\), found 'models/logreg.joblib'"),
+        ({"model": ""}, r"visualize.model must be a model folder"),
         ({"precision": "fp8"}, "visualize.precision"),
         ({"attack": {"eps": [0, 2]}}, "attack.eps"),
         ({"attack": {"random_start": "yes"}}, "attack.random_start"),
@@ -357,18 +363,18 @@ def _expected_attack(projects: dict, lite0, settings: dict) -> dict:
     a = settings["attack"]
     root = projects["main"]
     prepared = read_prepared(root / "data/prepared")
-    head = load_head(root / "models/logreg.joblib")
-    other = load_head(projects["other"] / "models/logreg.joblib")
+    head, _ = load_head(root / "models/logreg")
+    other, _ = load_head(projects["other"] / "models/logreg")
     source, target = prepared.classes.index(a["source"]), prepared.classes.index(a["target"])
     pixels = lite0.transform_spec.pixels()
     x = torch.stack([decode_checked(prepared.root, r, pixels)[0] for r in prepared.split("test") if r.label == source])
-    x0 = x[head["estimator"].predict(features_of(lite0, x).numpy()) == source][: a["max_images"]]
+    x0 = x[head.predict(features_of(lite0, x).numpy()) == source][: a["max_images"]]
     model = head_model(load_bundle(root / "models", "logreg"))
     out = {}
     for eps in a["eps"]:
         adv = pgd_attack(model, x0, target, eps=eps, steps=a["steps"], seed=0)
-        prob = head["estimator"].predict_proba(features_of(lite0, adv).numpy())[:, target]
-        fooled_other = other["estimator"].predict(features_of(_backbone(OTHER), adv).numpy()) == target
+        prob = head.predict_proba(features_of(lite0, adv).numpy())[:, target]
+        fooled_other = other.predict(features_of(_backbone(OTHER), adv).numpy()) == target
         out[round(eps, 6)] = (int((prob > 0.5).sum()), float(prob.mean()), int(fooled_other.sum()))
     return out
 
@@ -381,15 +387,15 @@ def test_stage_writes_images_and_reports(cd_project, tmp_path, lite0):
         imagenet_classes=[285, 340], steps=16,
         # The adversarial images are shown to a second network: lite2 with a head trained on its own features.
         attack=dict(source="dog", target="cat", eps=[2 / 255, 8 / 255], steps=5, max_images=4, save=2,
-                    transfer_to=OTHER, transfer_head=str(cd_project["other"] / "models/logreg.joblib")),
+                    transfer_to=OTHER, transfer_head=str(cd_project["other"] / "models/logreg")),
         feature_maps=dict(images=2, channels=9),
     )
     res = _run(root, out, **settings)
 
     ideal = json.loads((out / "ideal.json").read_text())
     assert list(ideal) == ["cat", "dog", "in285_egyptian_cat", "in340_zebra"]
-    head = load_head(root / "models/logreg.joblib")
-    check_ideal(ideal, out / "ideal", lite0, head["classes"], head_prob(head, lite0))
+    head, config = load_head(root / "models/logreg")
+    check_ideal(ideal, out / "ideal", lite0, config["classes"], head_prob(head, lite0))
     for key in ideal:
         with Image.open(out / "ideal" / f"{key}.png") as im:
             assert im.size == (224, 224) and im.mode == "RGB"
@@ -441,17 +447,18 @@ def test_stage_needs_no_feature_cache_and_refuses_bad_input(cd_project, tmp_path
         _run(root, tmp_path / "out", **dict(tiny, judge="no_such_net", imagenet_classes=[1]))
     with pytest.raises(PipelineError, match=r"unknown backbone 'no_such_net' \(visualize.attack.transfer_to\)"):
         _run(root, tmp_path / "out", **dict(tiny, attack=dict(tiny["attack"], transfer_to="no_such_net",
-                                                               transfer_head="models/logreg.joblib")))
-    with pytest.raises(PipelineError, match=r"fine-tuned model .*models/finetune.pt not found; run the finetune"):
-        _run(root, tmp_path / "out", **dict(tiny, model=str(root / "models/finetune.pt")))
+                                                               transfer_head="models/logreg")))
+    with pytest.raises(PipelineError, match=r"model folder .*models/finetune not found; run dvc repro"):
+        _run(root, tmp_path / "out", **dict(tiny, model=str(root / "models/finetune")))
     with pytest.raises(PipelineError, match="not a class of the logreg head"):
         _run(root, tmp_path / "out", **dict(tiny, classes=["horse"]))
     with pytest.raises(PipelineError, match="attack.target 'horse'"):
         _run(root, tmp_path / "out", **dict(tiny, attack=dict(tiny["attack"], target="horse")))
     X, y = fs.subset("train")
-    saved = load_head(root / "models/logreg.joblib")
+    _, saved = load_head(root / "models/logreg")
     search = make_head("logreg", C=[0.1], cv_folds=2).fit(X, y)
-    save_head(root / "models/logreg.joblib", search, dict(saved["provenance"], backbone="resnet50"), fs.classes)
+    save_head(root / "models/logreg", search, attrs=dict(fs.attrs, backbone="resnet50"), made_from=saved["made_from"],
+              classes=fs.classes, kind="logreg", description="logistic regression")
     with pytest.raises(PipelineError, match="stale"):
         _run(root, tmp_path / "out", **tiny)
     assert not (tmp_path / "out").exists()

@@ -36,6 +36,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 def fingerprint(folder: Path, backbone: str) -> dict:
     """fp32 features and both heads' cross-validation, in the tree this process imports ``pipeline`` from."""
     import hashlib
+    import inspect
 
     import h5py
     import numpy as np
@@ -58,8 +59,10 @@ def fingerprint(folder: Path, backbone: str) -> dict:
         with h5py.File(tmp / "f.h5") as h5:
             out["features_sha256"] = hashlib.sha256(np.ascontiguousarray(h5["features"][:]).tobytes()).hexdigest()
             out["paths_sha256"] = hashlib.sha256("\n".join(h5["paths"].asstr()[:]).encode()).hexdigest()
+        # Run against older trees too, where the head's folder argument was models_dir.
+        where = "heads_dir" if "heads_dir" in inspect.signature(train_head).parameters else "models_dir"
         for name, C, max_iter in HEADS:
-            out[name] = train_head(name=name, features_file=tmp / "f.h5", models_dir=tmp / "models", C=C,
+            out[name] = train_head(name=name, features_file=tmp / "f.h5", **{where: tmp / "models"}, C=C,
                                    max_iter=max_iter, cv_folds=5, seed=0)
     return out
 
