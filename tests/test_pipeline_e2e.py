@@ -10,6 +10,7 @@ import pytest
 from helpers_visualize import check_ideal, finetuned_prob
 
 from pipeline.backbones import load_backbone
+from pipeline.model_folder import is_pickle
 
 pytestmark = [pytest.mark.slow, pytest.mark.sample_data]
 
@@ -95,6 +96,12 @@ def test_catsdogs_repro_metrics_schema_and_granular_rerun(project, catsdogs):
         assert "top3_accuracy" not in head  # only two classes
     confusion = (root / "reports/confusion_logreg.csv").read_text().splitlines()
     assert confusion[0] == "actual,predicted" and len(confusion) == 49
+    # models/ holds model folders only (and DVC's .gitignore), and nothing in them is or holds a pickle.
+    assert {p.name for p in (root / "models").iterdir()} == {".gitignore", "finetune", "logreg", "svm"}
+    for folder in ("finetune", "logreg", "svm"):
+        files = sorted((root / "models" / folder).iterdir())
+        assert [f.name for f in files] == ["README.md", "config.json", "model.safetensors"], folder
+        assert not any(is_pickle(f) for f in files), folder
     per_class = (root / "reports/per_class_logreg.csv").read_text().splitlines()
     assert per_class[0] == "head,class,support,accuracy,precision,f1" and len(per_class) == 3
 
