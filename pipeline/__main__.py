@@ -1,7 +1,8 @@
 """Command line.
 
 ``python -m pipeline backbones`` lists the backbone registry (``--show NAME``: one in detail);
-``python -m pipeline predict PATH ...`` classifies photos with a trained model.
+``python -m pipeline predict PATH ...`` classifies photos with a trained model;
+``python -m pipeline quality exclude --kinds KIND,...`` adds the quality stage's suspects to the exclude file.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import sys
 
 from pipeline.backbones.catalogue import catalogue_text, show_text, timm_text
 from pipeline.cli import run_stage
+from pipeline.quality.suspects import KINDS as SUSPECT_KINDS
+from pipeline.quality.suspects import SUSPECTS_CSV, exclude_suspects
 from pipeline.serve.predict import run_predict
 
 
@@ -33,6 +36,10 @@ def _predict(args) -> None:
         device=args.device,
         batch_size=args.batch_size,
     )
+
+
+def _quality_exclude(args) -> None:
+    exclude_suspects(args.kinds.split(","), args.source, args.dest)
 
 
 def main(argv=None) -> None:
@@ -68,6 +75,19 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     p.add_argument("--batch-size", type=int, default=32)
     p.set_defaults(func=_predict)
+    q = sub.add_parser("quality", help="act on the quality stage's suspects")
+    qsub = q.add_subparsers(dest="action", required=True)
+    e = qsub.add_parser(
+        "exclude",
+        help="add suspects of chosen kinds to the exclude file that the prepare stage honours",
+        description="Append the paths of the suspects of the chosen kinds to the exclude file (data.exclude), "
+        "each once; photos are never touched. Review the file, commit it, and dvc repro trains without them.",
+    )
+    e.add_argument("--kinds", required=True, help=f"comma-separated, of: {', '.join(SUSPECT_KINDS)}")
+    e.add_argument("--from", dest="source", default=SUSPECTS_CSV, help=f"the suspects file (default {SUSPECTS_CSV})")
+    e.add_argument("--to", dest="dest", default=None,
+                   help="the exclude file (default: data.exclude of params.yaml, else data/exclude.txt)")
+    e.set_defaults(func=_quality_exclude)
     args = parser.parse_args(argv)
     run_stage(lambda: args.func(args))
 
