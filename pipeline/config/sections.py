@@ -351,9 +351,9 @@ class QualityConfig(Section):
     folds: int = 5  # stratified folds of the out-of-fold probabilities, over every photo
     C: float = 0.01  # the logistic regression's C: fixed, an audit chooses nothing on its data
     seed: int = 0
-    neighbours: int = 10  # k of the kNN graph: duplicates are searched, outliers scored, among them
+    neighbours: int = 5  # k of the kNN graph: duplicates are searched, outliers scored, among them
     duplicate_similarity: float = 0.9  # cosine similarity at or above which two photos are near-duplicates
-    outlier_z: float = 2.0  # an outlier's mean similarity to its neighbours is this many robust SDs below the median
+    outlier_z: float = 2.2  # an outlier's mean similarity to its neighbours is this many robust SDs below the median
 
     def __post_init__(self):
         w = "quality"
