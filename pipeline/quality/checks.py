@@ -52,10 +52,15 @@ def out_of_fold_probabilities(X: np.ndarray, y: np.ndarray, *, folds: int, C: fl
         ``(n, number of distinct labels in y)``, columns in label order.
     """
     from sklearn.model_selection import cross_val_predict
+    from threadpoolctl import threadpool_limits
 
     search = make_head("logreg", C=[C], cv_folds=folds, seed=seed, y=y)
     model = search.estimator.set_params(clf__C=C)
-    return cross_val_predict(model, X, y, cv=search.cv, method="predict_proba")
+    # One BLAS thread: the products are thin (rows x features @ features x classes), and two
+    # OpenBLAS threads on a 2-core machine with one core busy took 9 s where one took 1.6 s
+    # (4,000 x 1,280, 20 classes): its threads spin while they wait for the busy core.
+    with threadpool_limits(1, user_api="blas"):
+        return cross_val_predict(model, X, y, cv=search.cv, method="predict_proba")
 
 
 def label_issues(X: np.ndarray, y: np.ndarray, *, folds: int, C: float, seed: int) -> list[Suspect]:

@@ -1,13 +1,16 @@
 """The k nearest neighbours of every photo by cosine similarity: exact on small sets, HNSW on large ones.
 
-Below :data:`EXACT_BELOW` rows scikit-learn's exact brute-force search takes
-a second or two and is deterministic; its cost grows with n², so above it an
-HNSW graph (faiss's ``IndexHNSWFlat``) takes over, whose cost grows about as
-n log n. Measured on clustered 1,280-d features, 2 cores, 25,000 rows: exact
-search (faiss ``IndexFlatIP``) 8.6 s, against 1.3 s at 10,000 and 0.35 s at
-5,000; faiss HNSW 6.6 s and hnswlib 7.6 s, both at 99.5 % recall of the exact
-neighbours. faiss-cpu ships binary wheels; hnswlib's release is a source
-package that needs a C++ compiler to install (README, "Look at your data").
+Both searches are faiss's, on unit rows, where the inner product is the
+cosine similarity. Below :data:`EXACT_BELOW` rows the exact search
+(``IndexFlatIP``: blocked BLAS products, nothing n x n held) takes a second or
+a few and is deterministic; its cost grows with n², so above it an HNSW graph
+(``IndexHNSWFlat``) takes over, whose cost grows about as n log n. Measured on
+clustered 1,280-d features, 2 cores, 25,000 rows: exact 8.6 s (1.3 s at
+10,000, 0.35 s at 5,000); faiss HNSW 6.6 s and hnswlib 7.6 s, both at 99.5 %
+recall of the exact neighbours. scikit-learn's exact ``NearestNeighbors`` held
+1.5 GB at 10,000 rows (float64 distance blocks) where faiss held none of that.
+faiss-cpu ships binary wheels; hnswlib's release is a source package that
+needs a C++ compiler to install (README, "Look at your data").
 """
 
 from __future__ import annotations
@@ -59,14 +62,8 @@ def nearest(Z: np.ndarray, k: int, *, exact_below: int = EXACT_BELOW) -> Neighbo
     k = min(k, n - 1)
     if k < 1:
         return Neighbours(np.zeros((n, 0), np.int64), np.zeros((n, 0), np.float32), "exact")
-    if n < exact_below:
-        from sklearn.neighbors import NearestNeighbors
-
-        dist, idx = NearestNeighbors(n_neighbors=k + 1, algorithm="brute", metric="cosine").fit(Z).kneighbors(Z)
-        sim, method = (1.0 - dist).astype(np.float32), "exact"
-    else:
-        idx, sim = _hnsw(Z, k + 1)
-        method = "hnsw"
+    method = "exact" if n < exact_below else "hnsw"
+    idx, sim = _search(Z, k + 1, method)
     # Each row finds itself, usually first; where identical rows tie it may come later
     # or, with more than k copies, not at all: drop it where it is, else the last one.
     is_self = idx == np.arange(n)[:, None]
@@ -75,24 +72,26 @@ def nearest(Z: np.ndarray, k: int, *, exact_below: int = EXACT_BELOW) -> Neighbo
                       method)
 
 
-def _hnsw(Z: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(index, similarity)`` of each row's ``k`` nearest rows (itself among them) by an HNSW graph."""
+def _search(Z: np.ndarray, k: int, method: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(index, similarity)`` of each row's ``k`` nearest rows (itself among them)."""
     try:
         import faiss
     except ImportError:
         from pipeline.errors import PipelineError
 
-        raise PipelineError(f"{len(Z)} photos need the approximate kNN search of faiss (exact below "
-                            f"{EXACT_BELOW}): pip install faiss-cpu") from None
+        raise PipelineError("the quality stage's kNN search needs faiss: pip install faiss-cpu") from None
     n, dim = Z.shape
     Z = np.ascontiguousarray(Z, dtype=np.float32)
-    index = faiss.IndexHNSWFlat(dim, HNSW_M, faiss.METRIC_INNER_PRODUCT)  # inner product of unit rows: cosine
-    index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
-    # Each node's level comes from faiss's own generator, seeded with a constant: the same
-    # levels every run. Its threads may link the nodes in another order from run to run, which
-    # can change a neighbour that ties (measured: 99.5 % of the exact neighbours found).
-    for s in tqdm(range(0, n, ADD_BATCH), desc="quality: kNN graph", unit="batch"):
+    if method == "exact":
+        index = faiss.IndexFlatIP(dim)  # inner product of unit rows: cosine similarity
+    else:
+        index = faiss.IndexHNSWFlat(dim, HNSW_M, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+        index.hnsw.efSearch = max(HNSW_EF_MIN, 2 * k)
+        # Each node's level comes from faiss's own generator, seeded with a constant: the same
+        # levels every run (two runs of 25,000 rows gave the same neighbours).
+    for s in tqdm(range(0, n, ADD_BATCH), desc=f"quality: kNN index ({method})", unit="batch",
+                  disable=method == "exact"):
         index.add(Z[s:s + ADD_BATCH])
-    index.hnsw.efSearch = max(HNSW_EF_MIN, 2 * k)
     sim, idx = index.search(Z, k)
-    return idx, sim
+    return idx.astype(np.int64), sim

@@ -67,7 +67,7 @@ def contact_sheet(path, kind: str, cells: list[dict], root, n_total: int) -> Non
              f"{kind}: {n_total} suspect{'s' * (n_total != 1)}, most suspect first"
              + (f" (the first {len(cells)} shown; all in suspects.csv)" if n_total > len(cells) else ""))
     n_rows = -(-len(cells) // columns)
-    width = max(columns * cell_w if cells else 0, 7 * len(title) + 2 * PAD, 320)
+    width = max(min(len(cells), columns) * cell_w, 7 * len(title) + 2 * PAD, 320)
     sheet = Image.new("RGB", (width, 2 * LINE + PAD + n_rows * cell_h), "white")
     draw = ImageDraw.Draw(sheet)
     draw.text((PAD, PAD), title, fill="black", font=font)

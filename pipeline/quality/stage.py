@@ -111,8 +111,9 @@ def run_quality(q: QualityConfig, backbone: str, *, prepared_dir="data/prepared"
           + (f"; {counts['excluded']} photos left out by {info['exclude']}" if counts["excluded"] else ""),
           flush=True)
     if counts["train_test_leak"]:
-        print(f"quality: WARNING: {counts['train_test_leak']} test photos have a near-copy in the other split "
-              "(train_test_leak): every accuracy in reports/ is inflated until one of each pair is excluded "
+        print(f"quality: WARNING: {counts['train_test_leak']} train/test leaks: photos with a near-copy in the "
+              "other split (train_test_leak in suspects.csv); every accuracy in reports/ is inflated until one "
+              "of each pair is excluded "
               "(python -m pipeline quality exclude --kinds train_test_leak)", flush=True)
     return counts
 
