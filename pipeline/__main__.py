@@ -3,6 +3,7 @@
 ``python -m pipeline backbones`` lists the backbone registry (``--show NAME``: one in detail);
 ``python -m pipeline predict PATH ...`` classifies photos with a trained model;
 ``python -m pipeline export MODEL --format onnx`` writes a model folder as one ONNX graph.
+``python -m pipeline quality exclude --kinds KIND,...`` adds the quality stage's suspects to the exclude file.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import sys
 
 from pipeline.backbones.catalogue import catalogue_text, show_text, timm_text
 from pipeline.cli import run_stage
+from pipeline.quality.suspects import KINDS as SUSPECT_KINDS
+from pipeline.quality.suspects import SUSPECTS_CSV, exclude_suspects
 from pipeline.serve.predict import run_predict
 
 
@@ -41,6 +44,10 @@ def _export(args) -> None:
     from pipeline.serve.export import run_export
 
     run_export(model=args.model, fmt=args.format, out=args.out, check=args.check)
+
+
+def _quality_exclude(args) -> None:
+    exclude_suspects(args.kinds.split(","), args.source, args.dest)
 
 
 def main(argv=None) -> None:
@@ -89,6 +96,19 @@ def main(argv=None) -> None:
     e.add_argument("--check", nargs="*", default=[], metavar="PATH",
                    help="photos (files or folders) the parity check also runs on")
     e.set_defaults(func=_export)
+    q = sub.add_parser("quality", help="act on the quality stage's suspects")
+    qsub = q.add_subparsers(dest="action", required=True)
+    x = qsub.add_parser(
+        "exclude",
+        help="add suspects of chosen kinds to the exclude file that the prepare stage honours",
+        description="Append the paths of the suspects of the chosen kinds to the exclude file (data.exclude), "
+        "each once; photos are never touched. Review the file, commit it, and dvc repro trains without them.",
+    )
+    x.add_argument("--kinds", required=True, help=f"comma-separated, of: {', '.join(SUSPECT_KINDS)}")
+    x.add_argument("--from", dest="source", default=SUSPECTS_CSV, help=f"the suspects file (default {SUSPECTS_CSV})")
+    x.add_argument("--to", dest="dest", default=None,
+                   help="the exclude file (default: data.exclude of params.yaml, else data/exclude.txt)")
+    x.set_defaults(func=_quality_exclude)
     args = parser.parse_args(argv)
     run_stage(lambda: args.func(args))
 

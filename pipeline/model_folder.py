@@ -170,7 +170,7 @@ def model_card(config: dict) -> str:
         "",
         f"- data: {data.get('source', 'unknown source')} `{data.get('root', '')}`",
         f"- split: {data.get('n_train', '?')} train / {data.get('n_test', '?')} test photos",
-        f"- classes and their train photos: " + ", ".join(
+        "- classes and their train photos: " + ", ".join(
             f"{c} {n}" for c, n in zip(classes, data.get("train_per_class", [""] * len(classes)))),
         f"- preprocessing: resize shorter side to {pre['resize']} ({pre['interpolation']}), centre crop "
         f"{pre['crop']}, mean {tuple(pre['mean'])}, std {tuple(pre['std'])}; decoder {pre['decoder']}; "

@@ -15,6 +15,7 @@ def main():
         test_fraction=d.test_fraction,
         seed=d.seed,
         catsdogs_sha256=d.archive_sha256 or None,
+        exclude=d.exclude or None,
     )
 
 

@@ -26,6 +26,7 @@ COMMANDS = {
     "heads": "heads on one backbone or several, by outer cross-validation",
     "visualize": "do ideal class images look like their class to another network?",
     "same": "did a change of structure change any result? fp32 features and heads against a git revision",
+    "quality": "the quality stage's checks on 5k/10k/25k synthetic feature rows: seconds, peak memory",
 }
 
 

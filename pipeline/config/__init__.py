@@ -25,7 +25,7 @@ from pipeline.config import reads
 from pipeline.config.checks import DECODERS, ENGINES, HEAD_KINDS, PARAMETERISATIONS, SOURCES, Section, check_split_params
 from pipeline.config.sections import (
     UNFREEZE, AttackConfig, BackboneConfig, DataConfig, EvaluateConfig, ExtractConfig, FeatureMapsConfig,
-    FinetuneConfig, HeadConfig, HeadsConfig, RayConfig, VisualizeConfig,
+    FinetuneConfig, HeadConfig, HeadsConfig, QualityConfig, RayConfig, VisualizeConfig,
 )
 from pipeline.errors import PipelineError
 
@@ -48,7 +48,7 @@ def read_yaml(text: str):
 __all__ = [
     "DECODERS", "ENGINES", "HEAD_KINDS", "PARAMETERISATIONS", "SOURCES", "UNFREEZE", "AttackConfig", "BackboneConfig", "Config",
     "DataConfig", "EvaluateConfig", "ExtractConfig", "FeatureMapsConfig", "FinetuneConfig", "HeadConfig",
-    "HeadsConfig", "RayConfig", "Section", "VisualizeConfig", "check_split_params", "load_config",
+    "HeadsConfig", "QualityConfig", "RayConfig", "Section", "VisualizeConfig", "check_split_params", "load_config",
     "parse_config", "read_yaml",
 ]
 
@@ -64,6 +64,7 @@ class Config:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     visualize: VisualizeConfig = field(default_factory=VisualizeConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    quality: QualityConfig = field(default_factory=QualityConfig)
 
 
 SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(Config)}

@@ -22,10 +22,14 @@ class DataConfig(Section):
     test_fraction: float = 0.2
     seed: int = 0
     archive_sha256: str = ""
+    exclude: str = ""  # a file of photos prepare leaves out, one manifest path a line; "": none
 
     def __post_init__(self):
         _choice("data", "source", self.source, SOURCES)
         check_split_params(self.test_fraction, self.seed)
+        if not isinstance(self.exclude, str):
+            raise _bad("data.exclude", "a file of photos to leave out (e.g. data/exclude.txt) or \"\" for none",
+                       self.exclude)
 
 
 @dataclass(frozen=True)
@@ -336,3 +340,28 @@ class EvaluateConfig(Section):
         if not all(_is_int(k) and k >= 1 for k in ks):
             raise _bad("evaluate.top_k", "a list of whole numbers >= 1", self.top_k)
         object.__setattr__(self, "top_k", tuple(ks))
+
+
+@dataclass(frozen=True)
+class QualityConfig(Section):
+    """``quality``: the audit of the data on the cached features (pipeline.quality).
+
+    The thresholds were calibrated on the sample photos with efficientnet_lite0
+    (README, "Look at your data"); each is recorded in reports/quality.json.
+    """
+
+    folds: int = 5  # stratified folds of the out-of-fold probabilities, over every photo
+    C: float = 0.01  # the logistic regression's C: fixed, an audit chooses nothing on its data
+    seed: int = 0
+    neighbours: int = 5  # k of the kNN graph: duplicates are searched, outliers scored, among them
+    duplicate_similarity: float = 0.9  # cosine similarity at or above which two photos are near-duplicates
+    outlier_z: float = 2.2  # an outlier's mean similarity to its neighbours is this many robust SDs below the median
+
+    def __post_init__(self):
+        w = "quality"
+        _int(w, "folds", self.folds, lo=2)
+        _num(w, "C", self.C)
+        _int(w, "seed", self.seed)
+        _int(w, "neighbours", self.neighbours, lo=1)
+        _num(w, "duplicate_similarity", self.duplicate_similarity, hi=1, hi_open=False)
+        _num(w, "outlier_z", self.outlier_z)

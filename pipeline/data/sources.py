@@ -16,8 +16,10 @@ archive, the Oxford-IIIT Pet archives) ends in the same four files in
     ``[{"path", "reason"}]`` for every file of the dataset that is not used.
 ``dataset.json``
     ``source``, ``root``, ``n_train``, ``n_test``, ``n_rejected``, ``classes``
-    (their number), and ``archive_sha256`` for cats-vs-dogs. Written last: it
-    is present only when the other three are complete.
+    (their number), ``archive_sha256`` for cats-vs-dogs, and with
+    ``data.exclude`` set, ``exclude`` (the file) and ``excluded`` (the photos
+    it left out, sorted). Written last: it is present only when the other
+    three are complete.
 
 Every image is checked with :func:`pipeline.data.images.load_rgb`, the same decoder
 feature extraction uses, so a file that passes here decodes there. Nothing in
@@ -38,6 +40,7 @@ from tqdm import tqdm
 from pipeline.config import SOURCES, check_split_params
 from pipeline.data.archives import safe_extract
 from pipeline.data.download import download, file_digest
+from pipeline.data.exclude import apply_exclude
 from pipeline.data.images import load_rgb
 from pipeline.data.listing import Listing, join, list_class_folders, list_oxford, plural
 from pipeline.data.manifest import MANIFEST_HEADER, stratified_holdout
@@ -61,7 +64,7 @@ MIN_IMAGES_PER_CLASS = 2
 
 def prepare(*, source: str, out_dir, folder=None, download_dir="data/raw", test_fraction=0.2,
             seed=0, oxford_base_url=OXFORD_BASE_URL, oxford_md5=OXFORD_MD5,
-            catsdogs_url=CATSDOGS_URL, catsdogs_sha256=None) -> dict:
+            catsdogs_url=CATSDOGS_URL, catsdogs_sha256=None, exclude=None) -> dict:
     """List a dataset's usable images, their labels and split into ``out_dir``.
 
     Args:
@@ -78,13 +81,18 @@ def prepare(*, source: str, out_dir, folder=None, download_dir="data/raw", test_
         catsdogs_url, catsdogs_sha256: the Cats vs Dogs archive and, optionally,
             its pinned sha256 (no official checksum is published; without one
             the archive's integrity is checked and its sha256 recorded).
+        exclude: ``data.exclude``: a file of photos to leave out (see
+            :mod:`pipeline.data.exclude`), applied after the split, so that the
+            photos that stay keep their split; ``None`` or ``""``: none.
 
     Returns:
         The contents of dataset.json.
 
     Raises:
         PipelineError: unknown source, bad parameter, missing folder, a class
-            with fewer than 2 usable images, a failed download or checksum.
+            with fewer than 2 usable images, a failed download or checksum, an
+            exclude file naming photos the dataset lacks or leaving a class
+            without a train photo.
 
     Example:
         >>> prepare(source="folder", folder="data/images",
@@ -118,6 +126,12 @@ def prepare(*, source: str, out_dir, folder=None, download_dir="data/raw", test_
     if source != "oxford-iiit-pet":  # the others have no official split: draw one
         _require_images_per_class(listing, usable, shown, out_dir)
         usable = _stratified_split(usable, test_fraction, seed)
+    if exclude:
+        known = {p for p, _, _ in listing.candidates} | {r["path"] for r in listing.rejected}
+        extra["exclude"] = str(exclude)
+        usable, extra["excluded"] = apply_exclude(usable, exclude, known, listing.classes)
+        print(f"prepare: {plural(len(extra['excluded']), 'photo')} left out, as {exclude} (data.exclude) "
+              "lists", flush=True)
 
     rows = sorted(usable, key=lambda r: (r[2], r[1], r[0]))
     splits = Counter(split for _, _, split, _ in rows)
