@@ -37,6 +37,7 @@ from pipeline.serve.predict import collect
 #: The largest difference of any score between the graph and the model (fp32).
 TOLERANCE = 1e-4
 FORMATS = ("onnx",)
+CHECK_BATCH = 32
 
 
 def _onnx_modules():
@@ -97,7 +98,7 @@ def export_onnx(model, out=None, *, check=(), opset: int | None = None) -> dict:
     try:
         with torch.no_grad():
             torch.onnx.export(net, (example,), tmp, input_names=["images"], output_names=["probabilities"],
-                              dynamic_shapes=({0: batch},), dynamo=True, external_data=False,
+                              dynamic_shapes=({0: batch},), dynamo=True, external_data=False, verbose=False,
                               **({"opset_version": opset} if opset else {}))
         graph = onnx.load(tmp)
         meta = {"classes": json.dumps(bundle.classes), "preprocessing": json.dumps(bundle.config["preprocessing"]),
@@ -108,8 +109,10 @@ def export_onnx(model, out=None, *, check=(), opset: int | None = None) -> dict:
             entry.key, entry.value = key, value
         onnx.save(graph, tmp)
         session = ort.InferenceSession(tmp, providers=["CPUExecutionProvider"])
-        got = session.run(None, {"images": x.numpy()})[0]
-        want = bundle.scores(x)
+        # In batches: a few hundred photos at once would hold gigabytes of activations.
+        got = np.concatenate([session.run(None, {"images": x[i:i + CHECK_BATCH].numpy()})[0]
+                              for i in range(0, len(x), CHECK_BATCH)])
+        want = np.concatenate([bundle.scores(x[i:i + CHECK_BATCH]) for i in range(0, len(x), CHECK_BATCH)])
         diff = float(np.abs(got - want).max())
         flipped = int((got.argmax(1) != want.argmax(1)).sum())
         if diff > TOLERANCE or flipped:
