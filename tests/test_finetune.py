@@ -14,6 +14,7 @@ from torch import nn
 
 from pipeline.backbones import load_backbone
 from pipeline.config import FinetuneConfig
+from pipeline.config.sections import AugmentConfig
 from pipeline.data.images import load_rgb
 from pipeline.data.manifest import Row, read_prepared
 from pipeline.data.sources import prepare
@@ -29,7 +30,7 @@ from pipeline.finetune.network import (
     build_network,
     unfreeze_modules,
 )
-from pipeline.finetune.train import _optimizer, fit, predict_logits
+from pipeline.finetune.train import _optimizer, batch_mixer, fit, predict_logits
 from pipeline.heads.batch import make_head
 from pipeline.heads.model import save_head
 from pipeline.serve.predict import best_model
@@ -159,12 +160,19 @@ def test_bad_params_name_the_key():
         ({"val_fraction": 0.9}, "finetune.val_fraction must be a number in \\[0, 0.5\\)"),
         ({"device": "tpu"}, "unknown finetune.device 'tpu'"),
         ({"precision": "fp16"}, "unknown finetune.precision 'fp16'; accepted: auto, fp32, bf16"),
-        ({"epoch": 3}, "unknown params key 'finetune.epoch' in params.yaml; accepted here: batch_size"),
+        ({"epoch": 3}, "unknown params key 'finetune.epoch' in params.yaml; accepted here: augment, batch_size"),
         ({"ema": 1.0}, "finetune.ema must be a number in \\[0, 1\\), found 1.0"),
         ({"tta_flip": "yes"}, "finetune.tta_flip must be true or false, found 'yes'"),
         ({"head_C": 0}, "finetune.head_C must be a positive number or a list of them, found 0"),
         ({"head_C": [0.1, -1]}, "finetune.head_C must be a positive number or a list of them, found \\[0.1, -1\\]"),
         ({"head_C": []}, "finetune.head_C must be a positive number or a list of them, found \\[\\]"),
+        ({"augment": {"policy": "autoaugment"}},
+         "unknown finetune.augment.policy 'autoaugment'; accepted: none, trivialaugment, randaugment"),
+        ({"augment": {"crop_scale": [0.5, 0.2]}},
+         "finetune.augment.crop_scale must be \\[low, high\\] with 0 < low <= high <= 1, found \\[0.5, 0.2\\]"),
+        ({"augment": {"mixup": -1}}, "finetune.augment.mixup must be a number in \\[0, inf\\), found -1"),
+        ({"augment": {"erasing": 1.5}}, "finetune.augment.erasing must be a number in \\[0, 1\\], found 1.5"),
+        ({"augment": {"mixpu": 0.2}}, "unknown params key 'finetune.augment.mixpu'"),
         ({"lr_decay": 1.5}, "finetune.lr_decay must be a number in \\(0, 1\\], found 1.5"),
         ({"unfreeze": "gradual"}, "unknown finetune.unfreeze 'gradual'; accepted: none, last, all, progressive"),
     ]:
@@ -266,6 +274,28 @@ def test_a_photo_changed_since_prepare_stops_training(tiny):
     (folder / rows[0].path).write_bytes((folder / rows[1].path).read_bytes())
     with pytest.raises(PipelineError, match=f"cannot use {rows[0].path}: file changed since the prepare stage"):
         _fit(net, folder, rows)
+
+
+def test_mixup_and_cutmix_labels_are_distributions():
+    assert batch_mixer(0.0, 0.0, 3) is None
+    torch.manual_seed(0)
+    x, y = torch.rand(16, 3, 32, 32), torch.tensor([0, 1, 2, 0] * 4)
+    for mixup, cutmix in ((0.4, 0.0), (0.0, 1.0), (0.4, 1.0)):
+        mixed_x, soft = batch_mixer(mixup, cutmix, 3)(x, y)
+        assert soft.shape == (16, 3) and mixed_x.shape == x.shape
+        torch.testing.assert_close(soft.sum(1), torch.ones(16))
+        assert (soft >= 0).all() and not torch.equal(soft, nn.functional.one_hot(y, 3).float())  # really mixed
+
+
+@pytest.mark.parametrize("augment", [
+    {"policy": "trivialaugment"}, {"policy": "randaugment", "erasing": 0.5, "crop_scale": (0.5, 1.0)},
+    {"mixup": 0.4}, {"cutmix": 1.0}, {"mixup": 0.4, "cutmix": 1.0},
+])
+def test_each_augmentation_trains_on_a_few_photos(tiny, augment):
+    _, net, folder, rows = tiny
+    res = _fit(net, folder, rows[:8], augment=AugmentConfig(**augment))
+    assert res.epochs_run == 1 and 0 <= res.history[-1]["train/accuracy"] <= 1
+    assert np.isfinite(res.history[-1]["train/loss"])
 
 
 def _kept(history) -> int:

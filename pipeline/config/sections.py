@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.config.checks import (
-    DECODERS, ENGINES, EXTRACT_PRECISIONS, HEAD_KINDS, OLD_MODEL_SUFFIXES, PARAMETERISATIONS, SOURCES, Section, _bad, _choice,
-    _device, _int, _is_int, _is_num, _num, check_grid, check_precision, check_split_params, runtime,
+    AUGMENT_POLICIES, DECODERS, ENGINES, EXTRACT_PRECISIONS, HEAD_KINDS, OLD_MODEL_SUFFIXES, PARAMETERISATIONS,
+    SOURCES, Section, _bad, _choice, _device, _int, _is_int, _is_num, _num, check_grid, check_precision, check_split_params, runtime,
 )
 from pipeline.config.reads import Recorded
 from pipeline.errors import PipelineError
@@ -206,6 +206,29 @@ UNFREEZE = ("none", "last", "all", "progressive")  # pipeline.finetune.network
 
 
 @dataclass(frozen=True)
+class AugmentConfig(Section):
+    """``finetune.augment``: what the training photos go through (torchvision.transforms.v2)."""
+
+    crop_scale: Any = (0.25, 1.0)  # RandomResizedCrop's area range
+    policy: str = "none"  # AUGMENT_POLICIES
+    erasing: float = 0.0  # RandomErasing's probability per photo
+    mixup: float = 0.0  # MixUp's alpha; 0 = off
+    cutmix: float = 0.0  # CutMix's alpha; 0 = off (with mixup too: one of the two per batch)
+
+    def __post_init__(self):
+        w = "finetune.augment"
+        scale = self.crop_scale
+        if not (isinstance(scale, (list, tuple)) and len(scale) == 2 and all(_is_num(v) for v in scale)
+                and 0 < scale[0] <= scale[1] <= 1):
+            raise _bad(f"{w}.crop_scale", "[low, high] with 0 < low <= high <= 1", scale)
+        object.__setattr__(self, "crop_scale", (float(scale[0]), float(scale[1])))
+        _choice(w, "policy", self.policy, AUGMENT_POLICIES)
+        _num(w, "erasing", self.erasing, hi=1, lo_open=False, hi_open=False)
+        _num(w, "mixup", self.mixup, lo_open=False)
+        _num(w, "cutmix", self.cutmix, lo_open=False)
+
+
+@dataclass(frozen=True)
 class FinetuneConfig(Section):
     unfreeze: str = "last"
     epochs: int = 3
@@ -228,6 +251,7 @@ class FinetuneConfig(Section):
     head_C: Any = HEAD_KINDS["logreg"]["C"]
     ema: float = 0.0  # per-step decay of an average of the weights; 0 = off
     tta_flip: bool = False  # score each photo and its mirror image, average the logits
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self):
         w = "finetune"

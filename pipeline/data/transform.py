@@ -90,18 +90,28 @@ class TransformSpec:
         """A callable PIL image -> float tensor (3, crop, crop) in [0, 1], not normalised."""
         return lambda image: self._uint8(image).float().div_(255)
 
-    def augment(self) -> Callable:
-        """Random resized crop and horizontal flip at the input size, then normalised (training)."""
+    def augment(self, crop_scale=CROP_SCALE, policy: str = "none", erasing: float = 0.0) -> Callable:
+        """Random resized crop and horizontal flip at the input size, then normalised (training).
+
+        Args:
+            crop_scale: RandomResizedCrop's area range (``finetune.augment.crop_scale``).
+            policy: ``trivialaugment`` or ``randaugment`` (torchvision's, on the
+                uint8 crop) or ``none``.
+            erasing: RandomErasing's probability, on the normalised tensor.
+        """
         from torchvision.transforms import v2 as T
 
+        policies = {"none": [], "trivialaugment": [T.TrivialAugmentWide()], "randaugment": [T.RandAugment()]}
         # Cropping and resizing the PIL image resizes with Pillow, as build() does.
         return T.Compose(
             [
-                T.RandomResizedCrop(self.crop, scale=CROP_SCALE,
+                T.RandomResizedCrop(self.crop, scale=tuple(crop_scale),
                                     interpolation=T.InterpolationMode(self.interpolation)),
                 T.RandomHorizontalFlip(),
                 T.PILToTensor(),
+                *policies[policy],
                 T.ToDtype(torch.float32, scale=True),
                 T.Normalize(list(self.mean), list(self.std)),
+                *([T.RandomErasing(p=erasing)] if erasing else []),
             ]
         )

@@ -42,10 +42,20 @@ def _value(text: str):
 
 
 def parse_variant(spec: str) -> tuple[str, dict]:
-    """``name=key=value,key=value`` -> ``(name, {key: value})`` (values as YAML)."""
+    """``name=key=value,key=value`` -> ``(name, {key: value})`` (values as YAML; ``augment.mixup=0.2`` reaches in)."""
     name, _, rest = spec.partition("=")
     pairs = [p.split("=", 1) for p in rest.split(",") if p]
     return name, {k: _value(v) for k, v in pairs}
+
+
+def _with(section, overrides: dict):
+    """``section`` with ``overrides`` applied; a dotted key (``augment.mixup``) reaches into a sub-section."""
+    top = {k: v for k, v in overrides.items() if "." not in k}
+    for key, value in overrides.items():
+        if "." in key:
+            head, rest = key.split(".", 1)
+            top[head] = _with(top.get(head, getattr(section, head)), {rest: value})
+    return dataclasses.replace(section, **top)
 
 
 def run_split(project: Path, seed: int, variants: list[tuple[str, dict]], test_fraction: float) -> dict:
@@ -67,7 +77,7 @@ def run_split(project: Path, seed: int, variants: list[tuple[str, dict]], test_f
     out = {"logreg": head_metrics(y_test, search.predict(fs.features[i_test]),
                                   search.predict_proba(fs.features[i_test]), n_classes)}
     for name, overrides in variants:
-        ft = dataclasses.replace(cfg.finetune, **overrides)
+        ft = _with(cfg.finetune, overrides)
         where = place(ft.device, ft.precision, section="finetune")  # a variant may change the precision
         tr, va = split_validation(train, ft.val_fraction, ft.seed)
         head = fit_warm_start(fs, tr, C=ft.head_C, seed=ft.seed, source="cache")

@@ -153,6 +153,21 @@ class _EMA:
             s.copy_(tmp)
 
 
+def batch_mixer(mixup: float, cutmix: float, n_classes: int):
+    """``(images, labels) -> (mixed images, soft labels)``: MixUp and/or CutMix (one per batch), or None when off.
+
+    The soft labels (N, classes) sum to one per row; the cross-entropy takes them as they are.
+    """
+    from torchvision.transforms import v2 as T
+
+    mixers = [m for alpha, m in ((mixup, T.MixUp), (cutmix, T.CutMix)) if alpha]
+    if not mixers:
+        return None
+    alphas = [a for a in (mixup, cutmix) if a]
+    built = [m(alpha=float(a), num_classes=n_classes) for m, a in zip(mixers, alphas)]
+    return built[0] if len(built) == 1 else T.RandomChoice(built)
+
+
 class _Best:
     """The best epoch so far: highest validation accuracy, then lowest validation loss.
 
@@ -221,7 +236,10 @@ def fit(
     net.to(dev)
     n_trainable = sum(q.numel() for q in net.parameters() if q.requires_grad)
     bs, workers = cfg.batch_size, decode_workers(cfg.decode_workers, dev)
-    train_loader = loader(root, train_rows, transform_spec.augment(), bs, workers, shuffle=True, seed=cfg.seed)
+    aug = cfg.augment
+    train_loader = loader(root, train_rows, transform_spec.augment(aug.crop_scale, aug.policy, aug.erasing), bs,
+                          workers, shuffle=True, seed=cfg.seed)
+    mix = batch_mixer(aug.mixup, aug.cutmix, n_classes=net.head.out_features)
     val_loader = loader(root, val_rows, transform_spec.build(), bs, workers) if val_rows else None
     n_batches = len(train_loader)
     total_steps = max(1, cfg.epochs * n_batches)
@@ -271,6 +289,8 @@ def fit(
         for i, (x, y, bad) in enumerate(train_loader, start=1):
             check_batch(bad)
             x, y = _to_device(x, dev), y.to(dev, non_blocking=True)
+            if mix is not None:  # soft targets: each row a mixture of two photos' classes
+                x, y = mix(x, y)
             with precision.autocast(dev):
                 out = net(x)
                 loss = criterion(out.float(), y)
@@ -281,7 +301,7 @@ def fit(
             if ema is not None:
                 ema.update()
             seen += len(y)
-            correct += int((out.argmax(1) == y).sum())
+            correct += int((out.argmax(1) == (y.argmax(1) if y.ndim == 2 else y)).sum())
             loss_sum += float(loss.detach()) * len(y)
             timed_out = time.perf_counter() > deadline
             if epoch == 1 and (i == min(3, n_batches) or (timed_out and i < 3)):
