@@ -36,10 +36,16 @@ def _store_rows(store) -> int:
     return n
 
 
+def _default_sigint() -> None:
+    # A suite started in the background by a non-interactive shell inherits SIGINT ignored,
+    # and Python then keeps it ignored: the stage must meet Ctrl-C as a user's terminal sends it.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start_extract(project):
     return subprocess.Popen(
         [sys.executable, "-m", "stages.extract"], cwd=project.path,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint,
     )
 
 
