@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import errno
+import hashlib
 import json
 import os
 import re
@@ -79,6 +80,15 @@ def remove_stale_temporaries(folder: str | os.PathLike, prefix: str) -> None:
     if folder.is_dir():
         for tmp in folder.glob(f".{prefix}*.tmp"):
             tmp.unlink(missing_ok=True)
+
+
+def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
+    """Hex digest of a file's bytes, read in chunks (archives and weights are large)."""
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def write_json(path, obj) -> None:

@@ -23,7 +23,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import uuid
@@ -32,7 +31,7 @@ from pathlib import Path
 from typing import Callable
 
 from pipeline.errors import PipelineError
-from pipeline.fileio import read_json, write_json
+from pipeline.fileio import file_digest, read_json, write_json
 from pipeline.provenance import check_record
 
 CONFIG = "config.json"
@@ -41,14 +40,6 @@ CARD = "README.md"
 
 #: File names that hold pickles by convention (joblib, torch.save, ...): refused unread.
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".joblib", ".pt", ".pth", ".ckpt", ".bin")
-
-
-def sha256_of(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def is_pickle(path: Path) -> bool:
@@ -83,7 +74,7 @@ def write_model(folder, config: dict, write_weights: Callable[[Path], None], car
     tmp.mkdir()
     try:
         write_weights(tmp / WEIGHTS)
-        config = dict(config, files={WEIGHTS: sha256_of(tmp / WEIGHTS)})
+        config = dict(config, files={WEIGHTS: file_digest(tmp / WEIGHTS)})
         write_json(tmp / CONFIG, config)
         (tmp / CARD).write_text(card, encoding="utf-8")
         if folder.exists():
@@ -136,7 +127,7 @@ def read_model(folder, expected: dict | None = None) -> dict:
         path = folder / name
         if not path.is_file():
             raise PipelineError(f"{path} is missing; copy the whole model folder again, or run dvc repro")
-        have = sha256_of(path)
+        have = file_digest(path)
         if have != want:
             raise PipelineError(f"{path} has sha256 {have[:12]}... but {folder / CONFIG} records {want[:12]}...: "
                                 "the file was changed or damaged; copy the model folder again, or run dvc repro")

@@ -18,7 +18,8 @@ import torch
 import torch.hub
 import torchvision.models as tvm
 
-from pipeline.backbones import get_spec, load_backbone, sha256_file
+from pipeline.backbones import get_spec, load_backbone
+from pipeline.fileio import file_digest
 from pipeline.backbones.base import seeded
 from pipeline.errors import PipelineError
 
@@ -66,7 +67,7 @@ def test_a_torchvision_file_placed_in_the_cache_is_used(torch_home):
     torch.save(trained.state_dict(), file)
 
     bb = load_backbone("googlenet")
-    assert bb.weights == "GoogLeNet_Weights.IMAGENET1K_V1" and bb.weights_sha256 == sha256_file(file)
+    assert bb.weights == "GoogLeNet_Weights.IMAGENET1K_V1" and bb.weights_sha256 == file_digest(file)
     assert bb.features.transform_input and bb.features.aux1 is None
     torch.testing.assert_close(bb.features.conv1.conv.weight, trained.conv1.conv.weight)
     # The architecture built for loading a fine-tuned state is the same network.
@@ -102,7 +103,7 @@ def test_a_timm_weights_file_is_used_at_another_input_size(tmp_path, hf_offline)
     safetensors.torch.save_file({k: v.contiguous() for k, v in trained.state_dict().items()}, str(file))
 
     bb = load_backbone(DINO, str(file), 224)
-    assert bb.weights == str(file) and bb.weights_sha256 == sha256_file(file)
+    assert bb.weights == str(file) and bb.weights_sha256 == file_digest(file)
     assert bb.features.pos_embed.shape[1] == (224 // 14) ** 2 + 1
     torch.testing.assert_close(bb.features.blocks[0].attn.qkv.weight, trained.blocks[0].attn.qkv.weight)
     with torch.no_grad():

@@ -25,7 +25,7 @@ Example:
     torch.Size([1, 1280])
 """
 
-from pipeline.backbones.base import Backbone, BackboneSpec, sha256_file
+from pipeline.backbones.base import Backbone, BackboneSpec
 from pipeline.backbones.registry import REGISTRY, get_spec, load_backbone
 from pipeline.backbones.stages import last_stage_modules
 from pipeline.data.transform import TransformSpec  # re-exported: it used to live here
@@ -40,5 +40,4 @@ __all__ = [
     "get_spec",
     "last_stage_modules",
     "load_backbone",
-    "sha256_file",
 ]

@@ -3,7 +3,6 @@ interface, seeded random initialisation and reading local weights files."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
@@ -17,6 +16,7 @@ from torch import nn
 
 from pipeline.data.transform import TransformSpec
 from pipeline.errors import PipelineError
+from pipeline.fileio import file_digest
 
 
 @dataclass
@@ -166,14 +166,6 @@ def unknown_weights(name: str, weights: str, choices: list[str], where: str = ""
 # -------------------------------------------------------------------- weights
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def looks_like_path(weights: str) -> bool:
     return (
         os.sep in weights
@@ -208,7 +200,7 @@ def read_state_dict(path: Path, name: str) -> dict:
 def load_file(model: nn.Module, path: Path, name: str, by_order: bool = False) -> str:
     """Load a local weights file into ``model``; returns the file's sha256."""
     load_into(model, read_state_dict(path, name), str(path), name, by_order)
-    return sha256_file(path)
+    return file_digest(path)
 
 
 def load_into(model: nn.Module, sd: dict, source: str, name: str, by_order: bool = False) -> None:

@@ -26,9 +26,10 @@ from timm.data import resolve_data_config
 from torch import nn
 
 from pipeline.backbones.base import (Backbone, BackboneSpec, check_input_size, frozen, looks_like_path,
-                                     seeded, sha256_file, unknown_weights)
+                                     seeded, unknown_weights)
 from pipeline.data.transform import TransformSpec
 from pipeline.errors import PipelineError
+from pipeline.fileio import file_digest
 
 PREFIX = "timm/"
 
@@ -98,7 +99,7 @@ class TimmSpec(BackboneSpec):
         if file is not None:
             if not file.is_file():
                 raise PipelineError(f"weights file {file} not found (backbone.weights for {self.name})")
-            sha = sha256_file(file)
+            sha = file_digest(file)
         model = self.architecture(input_size, file)
         classifier = None
         if self.has_imagenet_classifier:

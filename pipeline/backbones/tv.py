@@ -36,12 +36,12 @@ from pipeline.backbones.base import (
     looks_like_path,
     scaled_resize,
     seeded,
-    sha256_file,
     unknown_weights,
 )
 from pipeline.backbones.split import split_at_classifier
 from pipeline.data.transform import TransformSpec
 from pipeline.errors import PipelineError
+from pipeline.fileio import file_digest
 
 #: Builder arguments the weights imply beyond the class count and image size
 #: (as torchvision's builders set them when given weights): the Google-trained
@@ -139,7 +139,7 @@ class TorchvisionSpec(BackboneSpec):
             resolved = weights
         else:  # ... or the named weights, from torch's hub cache.
             file = fetch(w, self.name)
-            sha, source, resolved = sha256_file(file), w.url, _label(w)
+            sha, source, resolved = file_digest(file), w.url, _label(w)
             model = self._pretrained(w, input_size)
         features, classifier, dim = split_at_classifier(model, trained_head=w.meta.get("categories") is not None)
         return Backbone(

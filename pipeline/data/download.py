@@ -19,21 +19,13 @@ from pathlib import Path
 from tqdm import tqdm
 
 from pipeline.errors import PipelineError
+from pipeline.fileio import file_digest
 
 #: Seconds without a byte from the server before a download is given up.
 TIMEOUT_S = 30
 
 _CHUNK = 1 << 20
 _USER_AGENT = "transfer-pipeline (python urllib)"
-
-
-def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
-    """Hex digest of a file's bytes, read in chunks (archives are large)."""
-    h = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def download(url: str, dest: str | os.PathLike, *, md5: str | None = None,

@@ -39,13 +39,13 @@ from tqdm import tqdm
 
 from pipeline.config import SOURCES, check_split_params
 from pipeline.data.archives import safe_extract
-from pipeline.data.download import download, file_digest
+from pipeline.data.download import download
 from pipeline.data.exclude import apply_exclude
 from pipeline.data.images import load_rgb
 from pipeline.data.listing import Listing, join, list_class_folders, list_oxford, plural
 from pipeline.data.manifest import MANIFEST_HEADER, stratified_holdout
 from pipeline.errors import BadImage, PipelineError
-from pipeline.fileio import write_csv, write_json
+from pipeline.fileio import file_digest, write_csv, write_json
 
 OXFORD_BASE_URL = "https://www.robots.ox.ac.uk/~vgg/data/pets/data/"
 #: The checksums torchvision's ``OxfordIIITPet`` verifies.
