@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import PipelineError
-from pipeline.extract.cache import CHECKED_ATTRS
+from pipeline.extract.cache import CHECKED_ATTRS, check_provenance
 from pipeline.fileio import read_json
 
 #: What a model folder's config.json says it is; loading refuses anything else.
@@ -154,11 +154,7 @@ def check_record(config, expected: dict, what: str) -> None:
                             "or run dvc repro")
     found = dict(backbone_record(config), classes=config["classes"],
                  decoder=config["preprocessing"].get("decoder"), precision=config.get("precision"))
-    for key, want in expected.items():
-        have = found.get(key)
-        if have != want:
-            raise PipelineError(f"{what} was made with {key}={have!r} but the current setting is {want!r}; "
-                                "it is stale: run dvc repro to rebuild it")
+    check_provenance(found, expected, what)
 
 
 def trained_on(fs, prepared_dir) -> dict:

@@ -124,7 +124,7 @@ def save_head(folder, search, *, attrs: dict, made_from: dict, classes: list[str
 
     record, arrays = estimator_arrays(search.best_estimator_)
     probabilities = hasattr(search.best_estimator_, "predict_proba")
-    multiclass_ovr = record["class"] == "SGDClassifier" and len(classes) > 2
+    ovr = score_mode(search.best_estimator_, len(classes)) == "ovr"
     config = model_record(
         name=Path(folder).name, kind="head", classes=classes,
         backbone={"name": str(attrs["backbone"]), "weights": str(attrs["weights"]),
@@ -132,7 +132,7 @@ def save_head(folder, search, *, attrs: dict, made_from: dict, classes: list[str
                   "input_size": int(attrs.get("input_size", 0) or 0), "feature_dim": int(attrs["feature_dim"])},
         preprocessing={**json.loads(attrs["preprocessing"]), "decoder": str(attrs["decoder"])},
         precision=str(attrs["precision"]), made_from=made_from,
-        scores=("probabilities (one-vs-rest sigmoids, normalised)" if multiclass_ovr and probabilities else
+        scores=("probabilities (one-vs-rest sigmoids, normalised)" if ovr else
                 "probabilities" if probabilities else "a softmax of the SVM's decision values, not probabilities"),
         head={**record, "kind": kind, "description": description, "probabilities": probabilities,
               "best_C": float(search.best_params_["clf__C"]), "cv_accuracy": float(search.best_score_)},
@@ -148,9 +148,14 @@ def load_head(folder, expected: dict | None = None) -> tuple[object, dict]:
     Args:
         expected: ``classes`` and backbone keys the head must match.
     """
+    config = read_model(folder, expected)
+    return head_estimator(folder, config), config
+
+
+def head_estimator(folder, config: dict):
+    """The fitted head of a folder whose ``config.json`` :func:`~pipeline.model_folder.read_model` has checked."""
     from safetensors.numpy import load_file
 
-    config = read_model(folder, expected)
     if config["kind"] != "head":
         raise PipelineError(f"{folder} is a {config['kind']} model, not a head of heads.train")
     arrays = load_file(str(weights_path(folder)))
@@ -160,7 +165,7 @@ def load_head(folder, expected: dict | None = None) -> tuple[object, dict]:
             len(arrays["clf.classes_"]) != len(config["classes"]):
         raise PipelineError(f"model {folder}: config.json lists {len(config['classes'])} classes but its weights "
                             f"score {len(arrays['clf.classes_'])}; copy the model folder again, or run dvc repro")
-    return estimator, config
+    return estimator
 
 
 def to_torch_linear(estimator) -> torch.nn.Linear:
