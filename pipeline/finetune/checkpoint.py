@@ -64,6 +64,12 @@ def load_finetuned(folder, expected: dict | None = None) -> tuple[FineTuneNet, d
         the network and its config (:func:`~pipeline.model_folder.read_model`).
     """
     config = read_model(folder, expected)
+    return finetuned_network(folder, config), config
+
+
+def finetuned_network(folder, config: dict) -> FineTuneNet:
+    """The network of a folder whose ``config.json`` :func:`~pipeline.model_folder.read_model` has checked:
+    on the CPU, in eval mode and frozen."""
     if config["kind"] != "finetune":
         raise PipelineError(f"{folder} is a {config['kind']} model, not the fine-tuned network")
     bb_record = config["backbone"]
@@ -83,4 +89,4 @@ def load_finetuned(folder, expected: dict | None = None) -> tuple[FineTuneNet, d
         raise PipelineError(f"cannot load {weights_path(folder)}: {str(e).splitlines()[0][:200]}; copy the model "
                             "folder again, or run dvc repro") from None
     net.requires_grad_(False)
-    return net.eval(), config
+    return net.eval()

@@ -34,9 +34,9 @@ from pipeline.data.images import decode_checked
 from pipeline.data.manifest import Row
 from pipeline.data.transform import TransformSpec
 from pipeline.errors import PipelineError
-from pipeline.finetune.checkpoint import load_finetuned
+from pipeline.finetune.checkpoint import finetuned_network
 from pipeline.finetune.network import FineTuneNet
-from pipeline.heads.model import head_path, load_head, score_layer, score_mode, scores, to_torch_linear
+from pipeline.heads.model import head_estimator, head_path, score_layer, score_mode, scores, to_torch_linear
 from pipeline.model_folder import model_folders, read_model
 from pipeline.provenance import BACKBONE_KEYS, backbone_record, check_record
 
@@ -176,8 +176,8 @@ class FinetunedBundle(Bundle):
 
     kind = "finetune"
 
-    def __init__(self, path: Path, expected: dict | None):
-        self.net, config = load_finetuned(path, expected)
+    def __init__(self, path: Path, config: dict):
+        self.net = finetuned_network(path, config)
         super().__init__(path, config, probabilities=True)
 
     @property
@@ -246,10 +246,9 @@ def load_bundle(path, name: str | None = None, expected: dict | None = None) -> 
     path = Path(path)
     if name is not None:
         path = model_path(path, name)
-    kind = read_model(path)["kind"]
-    if kind == "finetune":
-        return FinetunedBundle(path, expected)
-    if kind == "head":
-        estimator, config = load_head(path, expected)
-        return HeadBundle(path, estimator, config)
-    raise PipelineError(f"{path}: config.json has kind {kind!r}; accepted: head, finetune")
+    config = read_model(path, expected)  # once: it hashes the weights
+    if config["kind"] == "finetune":
+        return FinetunedBundle(path, config)
+    if config["kind"] == "head":
+        return HeadBundle(path, head_estimator(path, config), config)
+    raise PipelineError(f"{path}: config.json has kind {config['kind']!r}; accepted: head, finetune")
