@@ -18,6 +18,7 @@ only once it has been scored.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from pipeline.config import Config
@@ -75,8 +76,8 @@ def run_evaluate(cfg: Config, name: str, *, features_dir, heads_dir, prepared_di
     write_json(reports / f"metrics_{name}.json", {name: metrics, "made_from": made_from(fs.attrs, extra)})
     # The same weights file, byte for byte (its recorded sha256 still holds), under the published name.
     config = dict(config, data=trained_on(fs, prepared_dir), metrics=metrics)
-    weights = weights_path(path).read_bytes()
-    write_model(head_path(models_dir, name), config, lambda p: p.write_bytes(weights), model_card(config))
+    write_model(head_path(models_dir, name), config, lambda p: shutil.copyfile(weights_path(path), p),
+                model_card(config))
     shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "n_test")
     print(f"evaluate: {name} on {len(y)} test images: {shown}", flush=True)
     return metrics

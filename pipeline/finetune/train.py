@@ -160,11 +160,9 @@ def batch_mixer(mixup: float, cutmix: float, n_classes: int):
     """
     from torchvision.transforms import v2 as T
 
-    mixers = [m for alpha, m in ((mixup, T.MixUp), (cutmix, T.CutMix)) if alpha]
-    if not mixers:
+    built = [m(alpha=float(a), num_classes=n_classes) for a, m in ((mixup, T.MixUp), (cutmix, T.CutMix)) if a]
+    if not built:
         return None
-    alphas = [a for a in (mixup, cutmix) if a]
-    built = [m(alpha=float(a), num_classes=n_classes) for m, a in zip(mixers, alphas)]
     return built[0] if len(built) == 1 else T.RandomChoice(built)
 
 

@@ -30,6 +30,7 @@ from collections.abc import Sequence
 import numpy as np
 from sklearn.pipeline import Pipeline
 
+from pipeline.config import HeadsConfig
 from pipeline.config.checks import HEAD_KINDS
 from pipeline.data.manifest import Row
 from pipeline.errors import PipelineError
@@ -40,7 +41,7 @@ from pipeline.heads.registry import check_train_labels
 
 HEAD = "logreg"
 MAX_ITER = HEAD_KINDS[HEAD]["max_iter"]
-CV_FOLDS = 5  # as heads.cv_folds's default: the guard's head is then the user's logreg
+CV_FOLDS = HeadsConfig.cv_folds  # heads.cv_folds's default: the guard's head is then the user's logreg
 
 
 def cached_rows(fs: FeatureSet, rows: Sequence[Row], source) -> np.ndarray:

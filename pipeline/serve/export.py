@@ -21,8 +21,6 @@ Example:
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +29,7 @@ import torch
 from pipeline.data.images import decode_checked
 from pipeline.data.manifest import Row
 from pipeline.errors import PipelineError
+from pipeline.fileio import atomic_path
 from pipeline.serve.bundle import Bundle, load_bundle
 from pipeline.serve.predict import collect
 
@@ -56,7 +55,7 @@ def check_images(bundle: Bundle, paths, seed: int = 0) -> tuple[torch.Tensor, in
     crop = bundle.transform_spec.crop
     g = torch.Generator().manual_seed(seed)
     batch = [torch.randn(4, 3, crop, crop, generator=g)]
-    files, _ = collect(paths) if paths else ([], [])
+    files, _ = collect(paths)
     transform = bundle.transform
     photos = 0
     for f in files:
@@ -68,7 +67,7 @@ def check_images(bundle: Bundle, paths, seed: int = 0) -> tuple[torch.Tensor, in
     return torch.cat(batch), photos
 
 
-def export_onnx(model, out=None, *, check=(), opset: int | None = None) -> dict:
+def export_onnx(model, out=None, *, check=()) -> dict:
     """Write model folder ``model`` as an ONNX graph at ``out`` (default ``<name>.onnx``), parity checked.
 
     Args:
@@ -92,14 +91,11 @@ def export_onnx(model, out=None, *, check=(), opset: int | None = None) -> dict:
     example = torch.zeros(2, 3, crop, crop)
     batch = torch.export.Dim("batch", min=1)
     x, n_photos = check_images(bundle, list(check))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
+    # Renamed into place only once the graph matches; removed otherwise.
+    with atomic_path(out, suffix=".onnx") as tmp:
         with torch.no_grad():
             torch.onnx.export(net, (example,), tmp, input_names=["images"], output_names=["probabilities"],
-                              dynamic_shapes=({0: batch},), dynamo=True, external_data=False, verbose=False,
-                              **({"opset_version": opset} if opset else {}))
+                              dynamic_shapes=({0: batch},), dynamo=True, external_data=False, verbose=False)
         graph = onnx.load(tmp)
         meta = {"classes": json.dumps(bundle.classes), "preprocessing": json.dumps(bundle.config["preprocessing"]),
                 "scores": bundle.config["scores"], "backbone": json.dumps(bundle.config["backbone"]),
@@ -119,10 +115,6 @@ def export_onnx(model, out=None, *, check=(), opset: int | None = None) -> dict:
             raise PipelineError(f"the ONNX graph of {model} does not match the model: max |dp| {diff:.2e} "
                                 f"(tolerance {TOLERANCE:g}), top-1 differs on {flipped} of {len(x)} images; "
                                 f"{out} not written")
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     result = {"path": str(out), "bytes": out.stat().st_size, "max_abs_diff": diff, "n_random": len(x) - n_photos,
               "n_photos": n_photos}
     print(f"export: {model} -> {out} ({result['bytes'] / 1e6:.1f} MB): onnxruntime matches on "
