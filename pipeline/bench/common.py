@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import platform
 import subprocess
 import time
 from pathlib import Path
@@ -79,3 +80,19 @@ def describe_machine(device) -> str:
 
     return (f"device {device}, {torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs, "
             f"torch {torch.__version__}")
+
+
+def describe_cpu() -> str:
+    """One line for a benchmark without torch: the CPU model, the vector extensions that matter, the cores,
+    numpy's version."""
+    import numpy as np
+
+    model, flags = platform.processor() or "unknown CPU", set()
+    try:
+        info = open("/proc/cpuinfo", encoding="ascii", errors="replace").read()
+        model = next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name"))
+        flags = set(next(line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")))
+    except (OSError, StopIteration):
+        pass
+    shown = [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile") if f in flags]
+    return f"{model}, {os.cpu_count()} CPUs ({' '.join(shown) or 'no AVX2'}), numpy {np.__version__}"

@@ -19,13 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import time
 
 import numpy as np
+
+from pipeline.bench.common import describe_cpu
 
 
 def synthetic(n: int, dim: int = 1280, classes: int = 20, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -78,19 +79,6 @@ def one_size(n: int, dim: int) -> dict:
             "load": os.getloadavg()[0], "found": counts}
 
 
-def machine() -> str:
-    """The CPU model, the vector extensions that matter here, the cores, numpy's version."""
-    model, flags = platform.processor() or "unknown CPU", set()
-    try:
-        info = open("/proc/cpuinfo").read()
-        model = next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name"))
-        flags = set(next(line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")))
-    except (OSError, StopIteration):
-        pass
-    shown = [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile") if f in flags]
-    return f"{model}, {os.cpu_count()} CPUs ({' '.join(shown) or 'no AVX2'}), numpy {np.__version__}"
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[5000, 10000, 25000])
     parser.add_argument("--dim", type=int, default=1280)
@@ -101,7 +89,7 @@ def run(args) -> list[dict]:
     if args.one:
         print(json.dumps(one_size(args.rows[0], args.dim)), flush=True)
         return []
-    print(f"quality checks on synthetic {args.dim}-d features; {machine()}", flush=True)
+    print(f"quality checks on synthetic {args.dim}-d features; {describe_cpu()}", flush=True)
     print(f"{'rows':>7} {'total s':>8} {'peak MB':>8} {'labels s':>9} {'kNN s':>6} {'(kind)':>7} "
           f"{'dup+out s':>9} {'kNN exact s (CPU)':>18} {'kNN HNSW s (CPU)':>17} {'load':>5}  found", flush=True)
     results = []
