@@ -41,10 +41,13 @@ def _errno_of(e: BaseException) -> int | None:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, suffix: str = ""):
+def atomic_path(path: str | os.PathLike, suffix: str = "", durable: bool = False):
     """Yield a temporary path next to ``path``; move it to ``path`` on success.
 
     On any exception the temporary file is removed and ``path`` is untouched.
+    ``durable``: the file's bytes, then the rename, reach the disk before this
+    returns (fsync of the file and of its folder), so that a power cut or a
+    kill right after cannot leave a name pointing at a torn file.
 
     Example:
         >>> with atomic_path("out.h5") as tmp:  # doctest: +SKIP
@@ -60,13 +63,25 @@ def atomic_path(path: str | os.PathLike, suffix: str = ""):
     tmp = Path(tmp)
     try:
         yield tmp
+        if durable:
+            _fsync(tmp)
         os.replace(tmp, path)
+        if durable:
+            _fsync(path.parent)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
         code = _errno_of(e)
         if code is not None:
             raise _os_error(path, OSError(code, os.strerror(code))) from None
         raise
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def remove_stale_temporaries(folder: str | os.PathLike, prefix: str) -> None:

@@ -18,7 +18,7 @@ from pipeline.errors import PipelineError
 # with the checks, so that reading params.yaml depends on no stage's code
 # (a test checks each tuple against the module that implements it).
 SOURCES = ("cats-vs-dogs", "folder", "oxford-iiit-pet")  # pipeline.data.sources
-ENGINES = ("local", "ray")  # pipeline.extract.stage.ENGINES
+ENGINES = ("local", "ray")  # pipeline.extract.stage.ENGINES and pipeline.finetune.stage's launchers
 DECODERS = ("auto", "pillow", "pillow-exact", "torchvision")  # pipeline.extract.decode
 PARAMETERISATIONS = ("fourier", "pixel")  # pipeline.visualize.param
 #: Model files of the layout before model folders (pickles): refused with the folder to use instead.
@@ -140,6 +140,20 @@ class Section(Recorded):
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def learned_dict(self) -> dict:
+        """:meth:`to_dict` without the ``runtime`` keys: what changes the outputs, nothing of where they run."""
+        out = {}
+        for f in dataclasses.fields(self):
+            if f.name.startswith("_") or f.metadata.get("runtime"):
+                continue
+            value = getattr(self, f.name)
+            if isinstance(value, Section):
+                value = value.learned_dict()
+                if not value:  # a section of runtime keys only (finetune.ray)
+                    continue
+            out[f.name] = value
+        return out
 
 
 def _section_type(t):

@@ -56,16 +56,33 @@ class RayConfig(Section):
     concurrency: int = runtime(2)
 
     def __post_init__(self):
-        if not isinstance(self.address, str):
-            raise PipelineError(
-                f"extract.ray.address must be a string ('' to start a local Ray, 'auto' or "
-                f"'ray://host:10001' to join a cluster), found {self.address!r}"
-            )
+        _ray_address("extract.ray.address", self.address)
         if not _is_int(self.concurrency) or self.concurrency < 1:
             raise _bad("extract.ray.concurrency", "a positive integer (actors)", self.concurrency)
         if not _is_num(self.num_gpus_per_worker) or self.num_gpus_per_worker < 0:
             raise _bad("extract.ray.num_gpus_per_worker", "0 (CPU actors) or a positive number",
                        self.num_gpus_per_worker)
+
+
+@dataclass(frozen=True)
+class FinetuneRayConfig(Section):
+    # Where finetune.engine: ray trains, never what: the same global batches as one process.
+    address: str = runtime("")
+    cpus_per_worker: float = runtime(1)
+    max_failures: int = runtime(2)  # workers lost before the run is given up (each restart resumes)
+
+    def __post_init__(self):
+        _ray_address("finetune.ray.address", self.address)
+        _num("finetune.ray", "cpus_per_worker", self.cpus_per_worker)
+        _int("finetune.ray", "max_failures", self.max_failures)
+
+
+def _ray_address(key: str, address) -> None:
+    if not isinstance(address, str):
+        raise PipelineError(
+            f"{key} must be a string ('' to start a local Ray, 'auto' or "
+            f"'ray://host:10001' to join a cluster), found {address!r}"
+        )
 
 
 @dataclass(frozen=True)
@@ -252,9 +269,18 @@ class FinetuneConfig(Section):
     ema: float = 0.0  # per-step decay of an average of the weights; 0 = off
     tta_flip: bool = False  # score each photo and its mirror image, average the logits
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # Where it trains, never what it learns (the global batch and schedule are the same
+    # on any number of workers): in-process, or Ray Train; torchrun is seen from its environment.
+    engine: str = runtime("local")
+    workers: int = runtime(1)
+    checkpoint_every: int = runtime(0)  # also a checkpoint every this many steps; 0 = after each epoch only
+    ray: FinetuneRayConfig = field(default_factory=FinetuneRayConfig)
 
     def __post_init__(self):
         w = "finetune"
+        _choice(w, "engine", self.engine, ENGINES)
+        _int(w, "workers", self.workers, lo=1)
+        _int(w, "checkpoint_every", self.checkpoint_every)
         check_grid("logreg", self.head_C, key=f"{w}.head_C")
         _num(w, "ema", self.ema, hi=1, lo_open=False)
         _num(w, "lr_decay", self.lr_decay, hi=1, hi_open=False)

@@ -35,24 +35,12 @@ from pipeline.extract.cache import cache_attrs
 from pipeline.extract.compute import ExtractResult, Timing, run_batches
 from pipeline.extract.store import FeatureStore, store_key, write_from_store
 from pipeline.fileio import remove_stale_temporaries
+from pipeline.raycluster import connect, import_ray, pipeline_error_in
 from pipeline.runtime import Runner, place
-
-#: This package's folder, uploaded to the actors with the job.
-PACKAGE_DIR = Path(__file__).resolve().parents[1]
 
 
 def _import_ray():
-    # Imported on use: Ray is an optional extra, and importing it costs seconds
-    # that a local run should not pay.
-    try:
-        import ray
-        import ray.data  # noqa: F401
-    except ImportError:
-        raise PipelineError(
-            "extract.engine is 'ray' but Ray is not installed; install it with "
-            "pip install 'transfer-pipeline[ray]' (or pip install 'ray[data]'), or set extract.engine: local"
-        ) from None
-    return ray
+    return import_ray("extract.engine", "ray.data")
 
 
 class _ExtractWorker:
@@ -204,23 +192,7 @@ def extract_with_ray(
 def _compute(ray, todo: list[Row], rows: list[Row], settings: dict, take, *, address, num_cpus,
              num_cpus_per_worker, num_gpus_per_worker, concurrency, rows_per_task, batch_size) -> None:
     """Run the actors over ``todo``; ``take`` receives each output batch on the driver."""
-    started_here = False
-    if not ray.is_initialized():
-        # The actors import this package from the driver's copy, uploaded with
-        # the job: no install of the project itself is needed on the other nodes.
-        runtime_env = {"py_modules": [str(PACKAGE_DIR)]}
-        try:
-            if address:
-                ray.init(address=address, runtime_env=runtime_env, logging_level="WARNING")
-            else:
-                ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env, logging_level="WARNING")
-        except (ConnectionError, RuntimeError, ValueError) as e:
-            where = f"the Ray cluster at {address!r}" if address else "a local Ray instance"
-            raise PipelineError(
-                f"could not start or join {where} ({str(e).splitlines()[0][:200]}); check extract.ray.address "
-                "('' for a local instance, 'auto' on a cluster node) and that `ray status` works"
-            ) from None
-        started_here = True
+    started_here = connect(ray, address, num_cpus, "extract.ray.address")
     try:
         _check_resources(ray, address, concurrency, num_cpus_per_worker, num_gpus_per_worker)
         ctx = ray.data.DataContext.get_current()
@@ -243,7 +215,7 @@ def _compute(ray, todo: list[Row], rows: list[Row], settings: dict, take, *, add
                     take(out)
                     bar.update(len(out["i"]))
             except Exception as e:  # noqa: BLE001 - unwrap a user error raised in an actor
-                found = _pipeline_error_in(e)
+                found = pipeline_error_in(e)
                 if found is not None:
                     raise PipelineError(str(found)) from None
                 raise
@@ -270,20 +242,6 @@ def _check_resources(ray, address, concurrency, cpus_per_worker, gpus_per_worker
     if not address:
         raise PipelineError(f"the local Ray instance is too small: {msg}")
     tqdm.write(f"extract: warning: the Ray cluster has too few resources now (actors wait for an autoscaler): {msg}")
-
-
-def _pipeline_error_in(e: BaseException) -> PipelineError | None:
-    """The PipelineError an actor raised, however Ray wrapped it."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, PipelineError):
-            return e
-        cause = getattr(e, "cause", None)
-        if isinstance(cause, PipelineError):
-            return cause
-        e = e.__cause__ or e.__context__
-    return None
 
 
 def run_stage(backbone, extract, prepared, out: Path) -> ExtractResult:

@@ -8,10 +8,12 @@ error naming it: training on a silently shorter list would make runs differ.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
 from pipeline.data.images import decode_checked
@@ -20,7 +22,12 @@ from pipeline.errors import PipelineError
 
 
 class RowImages(torch.utils.data.Dataset):
-    """:class:`Row` records -> ``(tensor | None, label, path, reason)``."""
+    """:class:`Row` records -> ``(tensor | None, label, path, reason)``.
+
+    An item is an index, or ``(index, seed)``: the random transform then draws
+    from a generator seeded by ``seed`` alone, so a photo's augmentation in an
+    epoch is the same in whichever worker, process or resumed run decodes it.
+    """
 
     def __init__(self, root, rows: Sequence[Row], transform: Callable):
         self.root, self.rows, self.transform = Path(root), list(rows), transform
@@ -28,10 +35,57 @@ class RowImages(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, item):
+        i, seed = item if isinstance(item, tuple) else (item, None)
         row = self.rows[i]
-        x, why = decode_checked(self.root, row, self.transform)
+        if seed is None:
+            x, why = decode_checked(self.root, row, self.transform)
+        else:
+            # torchvision's random transforms draw from torch's global generator: fork it.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                x, why = decode_checked(self.root, row, self.transform)
         return x, row.label, row.path, why
+
+
+def mix_seed(*parts: int) -> int:
+    """One 63-bit seed from several integers (the run's seed, an epoch, a photo or a step, a rank)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+class GlobalBatches(torch.utils.data.Sampler):
+    """One worker's share of each global batch of an epoch, from batch ``start`` on.
+
+    The epoch's order is a permutation seeded by ``(seed, epoch)``, cut into
+    global batches of ``batch_size``; worker ``rank`` of ``world_size`` takes
+    positions ``rank, rank + world_size, ...`` of each. The union over the
+    workers of a step is therefore the one-worker batch, whatever their number,
+    and a resumed run starts at the very batch the interrupted one had reached.
+    Items are ``(index, seed)`` with the photo's augmentation seed (:class:`RowImages`).
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1,
+                 start: int = 0):
+        self.n, self.batch_size, self.seed, self.epoch = n, batch_size, seed, epoch
+        self.rank, self.world_size, self.start = rank, world_size, start
+
+    def __len__(self) -> int:
+        return max(0, math.ceil(self.n / self.batch_size) - self.start)
+
+    def __iter__(self):
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(mix_seed(self.seed, self.epoch)))
+        for b in range(self.start, math.ceil(self.n / self.batch_size)):
+            batch = order[b * self.batch_size:(b + 1) * self.batch_size].tolist()
+            yield [(i, mix_seed(self.seed, self.epoch, i)) for i in batch[self.rank::self.world_size]]
+
+
+def train_loader(root, rows: Sequence[Row], transform: Callable, sampler: GlobalBatches, workers: int = 0,
+                 pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """The training batches ``(x, y, bad)`` of one epoch (from its sampler's start), decoded in ``workers`` processes."""
+    return torch.utils.data.DataLoader(
+        RowImages(root, rows, transform), batch_sampler=sampler, num_workers=workers,
+        collate_fn=_collate, pin_memory=pin_memory,
+    )
 
 
 def _collate(items):
@@ -40,20 +94,21 @@ def _collate(items):
     bad = [(path, why) for x, _, path, why in items if x is None]
     if bad:
         return None, None, bad
+    if not items:  # a worker's empty share of a last global batch smaller than the workers
+        return None, torch.zeros(0, dtype=torch.int64), []
     return torch.stack([it[0] for it in items]), torch.tensor([it[1] for it in items]), []
 
 
 def loader(root, rows: Sequence[Row], transform: Callable, batch_size: int, workers: int = 0,
-           shuffle: bool = False, seed: int = 0) -> torch.utils.data.DataLoader:
-    """Batches ``(x, y, bad)``: ``bad`` lists ``(path, reason)`` of unusable photos (then x is None)."""
+           pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """Batches ``(x, y, bad)`` in the rows' order: ``bad`` lists ``(path, reason)`` of unusable photos (then x is None)."""
     return torch.utils.data.DataLoader(
         RowImages(root, rows, transform),
         batch_size=batch_size,
-        shuffle=shuffle,
-        generator=torch.Generator().manual_seed(seed),
         num_workers=workers,
         persistent_workers=workers > 0,
         collate_fn=_collate,
+        pin_memory=pin_memory,
     )
 
 

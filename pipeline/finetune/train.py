@@ -29,8 +29,12 @@ from torch import nn
 from pipeline.config import FinetuneConfig
 from pipeline.data.manifest import Row
 from pipeline.data.transform import TransformSpec
-from pipeline.finetune.data import check_batch, decode_workers, loader
+from pipeline.finetune.data import GlobalBatches, check_batch, decode_workers, loader, mix_seed, train_loader
+from pipeline.finetune.distributed import Workers, single
 from pipeline.finetune.network import FineTuneNet, open_modules, set_train_mode, unfreeze_modules
+from pipeline.finetune.resume import (
+    Checkpoints, load_optimizer_state, optimizer_state, prefixed, unprefixed,
+)
 from pipeline.runtime import Placement, Precision, place
 
 FP32 = Precision("fp32", "fp32")
@@ -45,6 +49,7 @@ class FitResult:
     seconds: float
     history: list = field(default_factory=list)  # one dict per epoch
     train_images_per_second: float | None = None  # training steps only (forward, backward, update, decoding)
+    resumed_from: str | None = None  # "epoch E, step S" when the run went on from a checkpoint
 
     def summary(self) -> dict:
         return {
@@ -54,6 +59,7 @@ class FitResult:
             "stopped": self.stopped,
             "seconds": round(self.seconds, 1),
             "train_images_per_second": self.train_images_per_second,
+            "resumed_from": self.resumed_from,
         }
 
 
@@ -204,8 +210,14 @@ def fit(
     on_epoch: Callable[[int, dict], None] | None = None,
     log: Callable[[str], None] = print,
     placement: Placement | None = None,
+    workers: Workers | None = None,
+    checkpoints: Checkpoints | None = None,
 ) -> FitResult:
     """Fine-tune ``net`` in place and leave it holding the best epoch's weights.
+
+    The same function runs in one process or in each of several workers: the
+    global batches, the learning-rate schedule and every random draw are the
+    same for any number of workers (:mod:`pipeline.finetune.distributed`).
 
     Args:
         backbone: registry name, for the ``unfreeze: last`` rule.
@@ -216,15 +228,19 @@ def fit(
         placement: the caller's resolved device and precision; default:
             resolved here from ``cfg.device`` and ``cfg.precision``.
         cfg: the ``finetune`` section of params.yaml.
-        on_epoch: called with ``(epoch, metrics)``; epoch 0 is the start.
+        on_epoch: called with ``(epoch, metrics)``; epoch 0 is the start. After
+            a resume, first with each epoch the checkpoint holds.
+        workers: this process's place among the workers; default: alone, on the placement's device.
+        checkpoints: where to save the run's state and resume it from
+            (:mod:`pipeline.finetune.resume`); None: no checkpoints.
 
     Returns:
         which epoch was kept, why training stopped, and per-epoch metrics.
     """
     t_start = time.perf_counter()
-    deadline = t_start + 60.0 * cfg.max_minutes
     where = placement or place(cfg.device, cfg.precision, section="finetune")
-    dev, precision = where.device, where.precision
+    ctx = workers or single(where.device)
+    dev, precision = ctx.device, where.precision
     _seed_everything(cfg.seed)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -233,114 +249,216 @@ def fit(
     groups = unfreeze_modules(net, backbone, cfg.unfreeze)
     net.to(dev)
     n_trainable = sum(q.numel() for q in net.parameters() if q.requires_grad)
-    bs, workers = cfg.batch_size, decode_workers(cfg.decode_workers, dev)
+    bs, decoders = cfg.batch_size, decode_workers(cfg.decode_workers, dev)
     aug = cfg.augment
-    train_loader = loader(root, train_rows, transform_spec.augment(aug.crop_scale, aug.policy, aug.erasing), bs,
-                          workers, shuffle=True, seed=cfg.seed)
+    train_transform = transform_spec.augment(aug.crop_scale, aug.policy, aug.erasing)
     mix = batch_mixer(aug.mixup, aug.cutmix, n_classes=net.head.out_features)
-    val_loader = loader(root, val_rows, transform_spec.build(), bs, workers) if val_rows else None
-    n_batches = len(train_loader)
+    mine = list(val_rows)[ctx.rank::ctx.world_size]  # this worker's share of the validation photos
+    val_loader = loader(root, mine, transform_spec.build(), bs, decoders, pin_memory=dev.type == "cuda")
+    n_batches = math.ceil(len(train_rows) / bs)
     total_steps = max(1, cfg.epochs * n_batches)
     opt = _optimizer(groups, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, warmup_cosine(total_steps, int(round(cfg.warmup_fraction * total_steps)))
     )
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    log(
-        f"finetune: {backbone}, unfreeze {cfg.unfreeze} ({n_trainable:,} trainable parameters), "
-        f"{len(train_rows)} train / {len(val_rows)} validation images, batch {bs}, "
-        f"up to {cfg.epochs} epochs or {cfg.max_minutes:g} min, on {where.describe()}"
-    )
+    # Summed over the photos and divided by the global batch: the gradient DDP averages over
+    # the workers is then the one-process batch's mean, whatever each worker's share.
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing, reduction="sum")
+    if ctx.main:
+        log(
+            f"finetune: {backbone}, unfreeze {cfg.unfreeze} ({n_trainable:,} trainable parameters), "
+            f"{len(train_rows)} train / {len(val_rows)} validation images, batch {bs}"
+            + (f" across {ctx.world_size} workers ({ctx.engine})" if ctx.distributed else "")
+            + f", up to {cfg.epochs} epochs or {cfg.max_minutes:g} min, on {where.describe()}"
+        )
 
     def validate() -> dict:
-        if val_loader is None:
+        if not val_rows:
             return {}
         logits, y = predict_logits(net, val_loader, dev, precision, cfg.tta_flip)
+        parts = [p for p in ctx.gather((logits, y)) if len(p[1])]
+        logits, y = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
         return {
             "val/loss": float(nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(y))),
             "val/accuracy": float((logits.argmax(1) == y).mean()),
         }
 
-    history = []
-    best, stopped, epoch = _Best(), "epochs", 0
+    best = _Best()
     ema = _EMA(net, cfg.ema) if cfg.ema > 0 else None
-    start = validate()
-    if start:
-        # The warm-start head never saw these images: an honest score, and a candidate.
-        log(f"finetune: epoch 0 (the warm-start head): validation loss {start['val/loss']:.4f}, "
-            f"accuracy {start['val/accuracy']:.4f}")
-        history.append({"epoch": 0, **start})
-        best.offer(0, start, net)
-        if on_epoch:
-            on_epoch(0, start)
-    images_trained, seconds_training = 0, 0.0
-    for epoch in range(1, cfg.epochs + 1):
-        if cfg.unfreeze == "progressive" and epoch > 1:
+    run = _Run()
+    resumed = checkpoints.load() if checkpoints is not None else None
+    if resumed is not None:
+        run.restore(resumed, net, opt, sched, ema, best)
+        if ctx.main:
+            log(f"finetune: resuming from epoch {run.epoch}, step {run.step} of {n_batches} "
+                f"({checkpoints.path})")
+            for h in run.history:  # DVCLive's log was an output: deleted before this run
+                if on_epoch:
+                    on_epoch(h["epoch"], {k: v for k, v in h.items() if k != "epoch"})
+    ctx.agree(run.epoch * (n_batches + 1) + run.step, "the step to resume from")
+    deadline = t_start + 60.0 * cfg.max_minutes - run.elapsed
+
+    def save(stopped: str | None = None) -> None:
+        if checkpoints is not None and ctx.main:
+            checkpoints.save(*run.state(net, opt, sched, ema, best, stopped,
+                                        elapsed=run.elapsed + time.perf_counter() - t_start))
+
+    if resumed is None:
+        start = validate()
+        if start:
+            # The warm-start head never saw these images: an honest score, and a candidate.
+            if ctx.main:
+                log(f"finetune: epoch 0 (the warm-start head): validation loss {start['val/loss']:.4f}, "
+                    f"accuracy {start['val/accuracy']:.4f}")
+            run.history.append({"epoch": 0, **start})
+            best.offer(0, start, net)
+            if on_epoch:
+                on_epoch(0, start)
+    stopped = run.stopped or "epochs"
+    epoch = run.epoch - 1
+    for epoch in range(run.epoch, cfg.epochs + 1 if run.stopped is None else 0):
+        if cfg.unfreeze == "progressive":
             unfreeze_modules(net, backbone, cfg.unfreeze, epoch)
-            log(f"finetune: epoch {epoch} trains the last {min(epoch, len(groups) - 1)} of {len(groups) - 1} "
-                f"depth groups ({sum(q.numel() for q in net.parameters() if q.requires_grad):,} parameters)")
+            if epoch > 1 and ctx.main:
+                log(f"finetune: epoch {epoch} trains the last {min(epoch, len(groups) - 1)} of {len(groups) - 1} "
+                    f"depth groups ({sum(q.numel() for q in net.parameters() if q.requires_grad):,} parameters)")
         set_train_mode(net, open_modules(groups, cfg.unfreeze, epoch))
+        model = ctx.wrap(net)  # after unfreezing: DDP syncs the parameters that train now
+        first = run.step
+        sampler = GlobalBatches(len(train_rows), bs, cfg.seed, epoch, ctx.rank, ctx.world_size, start=first)
+        batches = train_loader(root, train_rows, train_transform, sampler, decoders, pin_memory=dev.type == "cuda")
         t_epoch = time.perf_counter()
-        seen = correct = 0
-        loss_sum = 0.0
         timed_out = False
-        for i, (x, y, bad) in enumerate(train_loader, start=1):
+        for i, (x, y, bad) in enumerate(batches, start=first + 1):
             check_batch(bad)
+            torch.manual_seed(mix_seed(cfg.seed, epoch, i, ctx.rank))  # MixUp, stochastic depth: by step
+            n_global = min(bs, len(train_rows) - (i - 1) * bs)
+            if x is None:  # an empty share: a forward pass of no photos keeps DDP's collectives in step
+                x = torch.zeros(0, 3, transform_spec.crop, transform_spec.crop)
             x, y = _to_device(x, dev), y.to(dev, non_blocking=True)
-            if mix is not None:  # soft targets: each row a mixture of two photos' classes
+            if mix is not None and len(y):  # soft targets: each row a mixture of two photos' classes
                 x, y = mix(x, y)
             with precision.autocast(dev):
-                out = net(x)
-                loss = criterion(out.float(), y)
+                out = model(x)
+                batch_loss = criterion(out.float(), y)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (batch_loss * (ctx.world_size / n_global)).backward()
             opt.step()
             sched.step()
             if ema is not None:
                 ema.update()
-            seen += len(y)
-            correct += int((out.argmax(1) == (y.argmax(1) if y.ndim == 2 else y)).sum())
-            loss_sum += float(loss.detach()) * len(y)
-            timed_out = time.perf_counter() > deadline
-            if epoch == 1 and (i == min(3, n_batches) or (timed_out and i < 3)):
+            correct = int((out.argmax(1) == (y.argmax(1) if y.ndim == 2 else y)).sum())
+            seen, correct, loss_sum, late = ctx.sum(
+                [len(y), correct, float(batch_loss.detach()), float(time.perf_counter() > deadline)])
+            run.count(seen, correct, loss_sum)
+            run.step = i
+            timed_out = late > 0
+            if epoch == 1 and ctx.main and first == 0 and (i == min(3, n_batches) or (timed_out and i < 3)):
                 _estimate(log, time.perf_counter() - t_epoch, i, n_batches, len(val_rows), cfg)
             if timed_out:
                 break
+            if cfg.checkpoint_every and i % cfg.checkpoint_every == 0 and i < n_batches:
+                save()
         train_seconds = time.perf_counter() - t_epoch
-        images_trained += seen
-        seconds_training += train_seconds
-        m = {"train/loss": loss_sum / max(1, seen), "train/accuracy": correct / max(1, seen),
-             "train/images_per_second": seen / max(train_seconds, 1e-9)}
+        run.images_trained += run.seen - run.seen_before_resume
+        run.seconds_training += train_seconds
+        m = {"train/loss": run.loss_sum / max(1, run.seen), "train/accuracy": run.correct / max(1, run.seen),
+             "train/images_per_second": (run.seen - run.seen_before_resume) / max(train_seconds, 1e-9)}
         if ema is not None:
             ema.swap()  # validate (and keep) the averaged weights; swapped back to train on
         m.update(validate())
         m["seconds"] = time.perf_counter() - t_epoch
-        history.append({"epoch": epoch, **m})
-        if on_epoch:
+        run.history.append({"epoch": epoch, **m})
+        if on_epoch and ctx.main:
             on_epoch(epoch, m)
         improved = best.offer(epoch, m, net)
         if ema is not None:
             ema.swap()
         shown = ", ".join(f"{k} {v:.4f}" for k, v in m.items() if k != "seconds")
-        log(f"finetune: epoch {epoch}{' (partial)' if timed_out else ''}: {shown} ({m['seconds']:.0f} s)"
-            + (" *" if improved else ""))
+        if ctx.main:
+            log(f"finetune: epoch {epoch}{' (partial)' if timed_out else ''}: {shown} ({m['seconds']:.0f} s)"
+                + (" *" if improved else ""))
+        run.next_epoch(epoch)
         if timed_out:
             stopped = "max_minutes"
-            log(f"finetune: finetune.max_minutes ({cfg.max_minutes:g}) reached; keeping epoch {best.epoch}")
-            break
-        if val_loader is not None and best.since >= cfg.patience:
+            if ctx.main:
+                log(f"finetune: finetune.max_minutes ({cfg.max_minutes:g}) reached; keeping epoch {best.epoch}")
+        elif val_rows and best.since >= cfg.patience:
             stopped = "early stopping"
-            log(f"finetune: no better validation score for {best.since} epochs; keeping epoch {best.epoch}")
+            if ctx.main:
+                log(f"finetune: no better validation score for {best.since} epochs; keeping epoch {best.epoch}")
+        save(stopped if stopped != "epochs" else None)
+        if stopped != "epochs":
             break
     if best.state is not None:
         net.load_state_dict(best.state)
     net.eval()
-    if val_loader is not None and best.epoch == 0:
+    if val_rows and best.epoch == 0 and ctx.main:
         log("finetune: fine-tuning did not beat the warm-start head on the validation slice; "
             "keeping the head's weights")
-    rate = round(images_trained / seconds_training, 2) if seconds_training else None
-    return FitResult(best.epoch, best.accuracy, epoch if cfg.epochs else 0, stopped,
-                     time.perf_counter() - t_start, history, rate)
+    rate = round(run.images_trained / run.seconds_training, 2) if run.seconds_training else None
+    epochs_run = max((h["epoch"] for h in run.history), default=0) if cfg.epochs else 0
+    return FitResult(best.epoch, best.accuracy, epochs_run, stopped, run.elapsed + time.perf_counter() - t_start,
+                     run.history, rate,
+                     resumed_from=f"epoch {run.resumed[0]}, step {run.resumed[1]}" if run.resumed else None)
+
+
+class _Run:
+    """Where a run is (epoch, step) and its running sums: what a checkpoint holds besides the tensors."""
+
+    def __init__(self):
+        self.epoch, self.step = 1, 0  # the epoch in progress, the steps of it done
+        self.seen = self.correct = 0
+        self.loss_sum = 0.0
+        self.seen_before_resume = 0
+        self.images_trained, self.seconds_training, self.elapsed = 0, 0.0, 0.0
+        self.history: list[dict] = []
+        self.stopped: str | None = None
+        self.resumed: tuple[int, int] | None = None
+
+    def count(self, seen: float, correct: float, loss_sum: float) -> None:
+        self.seen += int(seen)
+        self.correct += int(correct)
+        self.loss_sum += loss_sum
+
+    def next_epoch(self, epoch: int) -> None:
+        self.epoch, self.step = epoch + 1, 0
+        self.seen = self.correct = self.seen_before_resume = 0
+        self.loss_sum = 0.0
+
+    def state(self, net, opt, sched, ema, best, stopped, elapsed) -> tuple[dict, dict]:
+        tensors = prefixed("model", net.state_dict())
+        opt_tensors, opt_meta = optimizer_state(opt)
+        tensors.update(opt_tensors)
+        if ema is not None:
+            tensors.update({f"ema.{i}": t for i, t in enumerate(ema.shadow)})
+        if best.state is not None:
+            tensors.update(prefixed("best", best.state))
+        meta = {"epoch": self.epoch, "step": self.step, "seen": self.seen, "correct": self.correct,
+                "loss_sum": self.loss_sum, "images_trained": self.images_trained,
+                "seconds_training": self.seconds_training, "elapsed": elapsed, "history": self.history,
+                "stopped": stopped, "optimizer": opt_meta, "scheduler": sched.state_dict(),
+                "best": {"key": best.key, "epoch": best.epoch, "accuracy": best.accuracy, "since": best.since}}
+        return tensors, meta
+
+    def restore(self, saved: tuple[dict, dict], net, opt, sched, ema, best) -> None:
+        tensors, meta = saved
+        net.load_state_dict(unprefixed("model", tensors))
+        load_optimizer_state(opt, tensors, meta["optimizer"])
+        sched.load_state_dict(meta["scheduler"])
+        if ema is not None:
+            for i, s in enumerate(ema.shadow):
+                s.copy_(tensors[f"ema.{i}"])
+        b = meta["best"]
+        best.key = tuple(b["key"]) if b["key"] is not None else None
+        best.epoch, best.accuracy, best.since = b["epoch"], b["accuracy"], b["since"]
+        best.state = unprefixed("best", tensors) or None
+        self.epoch, self.step = meta["epoch"], meta["step"]
+        self.seen, self.correct, self.loss_sum = meta["seen"], meta["correct"], meta["loss_sum"]
+        self.seen_before_resume = self.seen
+        self.images_trained, self.seconds_training = meta["images_trained"], meta["seconds_training"]
+        self.elapsed, self.history, self.stopped = meta["elapsed"], meta["history"], meta["stopped"]
+        self.resumed = (self.epoch, self.step)
 
 
 def _estimate(log, seconds: float, batches: int, n_batches: int, n_val: int, cfg: FinetuneConfig) -> None:

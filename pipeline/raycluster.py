@@ -1,0 +1,67 @@
+"""Joining Ray: one way for every stage that can run on it (extraction's Ray Data, fine-tuning's Ray Train).
+
+Ray is an optional extra, imported on use (importing it costs seconds a local run
+should not pay). An address of ``""`` starts a local instance, ``"auto"`` joins
+this machine's cluster, anything else is a cluster's address (``ray://head:10001``).
+The workers import this package from the driver's copy, uploaded with the job, so
+the other nodes need no install of the project itself.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.errors import PipelineError
+
+#: This package's folder, uploaded to the workers with the job.
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def import_ray(key: str, *modules: str):
+    """``ray``, with ``modules`` (``ray.data``, ``ray.train.torch``) imported, or a one-line error naming ``key``."""
+    import importlib
+
+    try:
+        import ray
+
+        for m in modules:
+            importlib.import_module(m)
+    except ImportError:
+        raise PipelineError(
+            f"{key} is 'ray' but Ray is not installed; install it with pip install 'transfer-pipeline[ray]' "
+            f"(or pip install 'ray[data,train]'), or set {key}: local"
+        ) from None
+    return ray
+
+
+def connect(ray, address: str, num_cpus: int | None, key: str) -> bool:
+    """Start or join Ray unless this process already has; True when it was started here (the caller shuts it down)."""
+    if ray.is_initialized():
+        return False
+    runtime_env = {"py_modules": [str(PACKAGE_DIR)]}
+    try:
+        if address:
+            ray.init(address=address, runtime_env=runtime_env, logging_level="WARNING")
+        else:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env, logging_level="WARNING")
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        where = f"the Ray cluster at {address!r}" if address else "a local Ray instance"
+        raise PipelineError(
+            f"could not start or join {where} ({str(e).splitlines()[0][:200]}); check {key} "
+            "('' for a local instance, 'auto' on a cluster node) and that `ray status` works"
+        ) from None
+    return True
+
+
+def pipeline_error_in(e: BaseException) -> PipelineError | None:
+    """The PipelineError a Ray worker raised, however Ray wrapped it."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, PipelineError):
+            return e
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, PipelineError):
+            return cause
+        e = e.__cause__ or e.__context__
+    return None
