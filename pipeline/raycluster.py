@@ -9,6 +9,7 @@ the other nodes need no install of the project itself.
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 from pipeline.errors import PipelineError
@@ -39,6 +40,7 @@ def connect(ray, address: str, num_cpus: int | None, key: str) -> bool:
     if ray.is_initialized():
         return False
     runtime_env = {"py_modules": [str(PACKAGE_DIR)]}
+    check_reachable(address, key)
     try:
         if address:
             ray.init(address=address, runtime_env=runtime_env, logging_level="WARNING")
@@ -51,6 +53,22 @@ def connect(ray, address: str, num_cpus: int | None, key: str) -> bool:
             "('' for a local instance, 'auto' on a cluster node) and that `ray status` works"
         ) from None
     return True
+
+
+def check_reachable(address: str, key: str, timeout: float = 5.0) -> None:
+    """Refuse a cluster address nothing answers at, in seconds: ``ray.init`` retries it for minutes."""
+    if not address or address == "auto":
+        return
+    where = address.split("://", 1)[-1]
+    host, _, port = where.rpartition(":")
+    if not host or not port.isdigit():
+        raise PipelineError(f"{key} {address!r} is not an address of the form host:port or ray://host:port; "
+                            "'' starts a local Ray, 'auto' joins this machine's cluster")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise PipelineError(f"nothing answers at {key} {address!r} ({e.strerror or e}); start the cluster "
+                            "(ray start --head), check the address, or set it to '' for a local Ray") from None
 
 
 def pipeline_error_in(e: BaseException) -> PipelineError | None:

@@ -167,25 +167,3 @@ def test_dogbreeds10_reports_topk(project, dogbreeds10):
         assert m["top5_accuracy"] >= m["top3_accuracy"], (head, m)
     # Real ImageNet features separate dog breeds far better than chance (0.1).
     assert metrics["logreg"]["accuracy"] >= 0.6, metrics
-
-
-def test_backbone_switch_and_back_restores_from_run_cache(project, catsdogs):
-    """Changing the backbone and changing it back costs no extraction, and gives A's heads again."""
-    from helpers_dvc import heads_reports
-
-    _repro_folder(project, catsdogs, heads={"cv_folds": 3})
-    first = heads_reports(project.path)
-    assert first["models/logreg:made_from"]["backbone"] == "efficientnet_lite0"
-    project.commit("lite0")
-    project.set_params(backbone={"name": "resnet18", "weights": "none"})
-    out = project.dvc("repro", "evaluate").stdout
-    assert "Running stage 'extract'" in out
-    assert heads_reports(project.path)["models/logreg:made_from"]["backbone"] == "resnet18"
-    project.set_params(backbone={"name": "efficientnet_lite0", "weights": "DEFAULT"})
-    out = project.dvc("repro", "evaluate").stdout
-    assert "Stage 'extract' is cached - skipping run, checking out outputs" in out, out
-    assert (project.path / "data/features/efficientnet_lite0.h5").is_file()
-    # The heads' reports and the head's recorded backbone are A's again, and DVC agrees
-    # (on the heads' branch: fine-tuning and visualize were not run here).
-    assert heads_reports(project.path) == first
-    assert set(json.loads(project.dvc("status", "evaluate", "--json").stdout)) <= {"prepare"}

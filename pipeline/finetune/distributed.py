@@ -60,7 +60,7 @@ class Workers:
         """``values`` summed over the workers (float64, so counts stay exact)."""
         if not self.distributed:
             return list(values)
-        t = torch.tensor(values, dtype=torch.float64)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)  # nccl reduces CUDA tensors only
         torch.distributed.all_reduce(t)
         return t.tolist()
 
@@ -68,7 +68,7 @@ class Workers:
         """Refuse to go on when the workers disagree on ``value`` (say, the step a checkpoint resumes at)."""
         if not self.distributed:
             return
-        t = torch.tensor([value, -value], dtype=torch.int64)
+        t = torch.tensor([value, -value], dtype=torch.int64, device=self.device)
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
         if int(t[0]) != -int(t[1]):
             raise PipelineError(f"the {self.world_size} fine-tuning workers disagree on {what} "
@@ -132,7 +132,13 @@ def from_torchrun(requested: torch.device, env=os.environ) -> Workers:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend_for(device), rank=rank, world_size=world)
+        from torch.distributed.rendezvous import rendezvous
+
+        store, _, _ = next(rendezvous("env://", rank, world))
+        # After torchrun restarts its workers, the agent's store still holds the dead round's
+        # addresses: the new round's keys go under a prefix of their own.
+        store = torch.distributed.PrefixStore(f"finetune/round_{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+        torch.distributed.init_process_group(backend_for(device), store=store, rank=rank, world_size=world)
     return Workers("torchrun", rank, world, device)
 
 

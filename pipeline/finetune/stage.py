@@ -34,6 +34,7 @@ from pipeline.finetune.data import loader, split_validation
 from pipeline.finetune.distributed import Workers, from_torchrun, launched_by_torchrun, leave, single
 from pipeline.finetune.ray_engine import train_with_ray
 from pipeline.finetune.resume import Checkpoints, run_key
+from pipeline.raycluster import check_reachable, import_ray
 from pipeline.finetune.network import build_network
 from pipeline.finetune.train import FitResult, fit, predict_logits
 from pipeline.finetune.warmstart import fit_warm_start, keep_or_refit
@@ -90,6 +91,9 @@ def _workers(ft, where: Placement) -> Workers:
             raise PipelineError("finetune.engine is 'ray' but the stage was started by torchrun; launch it "
                                 "with python -m stages.finetune, or set finetune.engine: local")
         return from_torchrun(where.device)
+    if ft.engine == "ray":  # refused now, before the warm start, rather than after it
+        import_ray("finetune.engine", "ray.train.torch")
+        check_reachable(ft.ray.address, "finetune.ray.address")
     if ft.engine == "local" and ft.workers > 1:
         raise PipelineError(f"finetune.workers is {ft.workers} with finetune.engine: local, which trains in this "
                             "process; set finetune.engine: ray, or launch torchrun --nproc_per_node "

@@ -7,6 +7,11 @@ params: an exponential moving average of the trained weights (``finetune.ema``),
 which is what is validated and kept, and horizontal-flip test-time augmentation
 (``finetune.tta_flip``) wherever the network is scored.
 
+One loop for one process or many (:mod:`pipeline.finetune.distributed`): the
+same global batches, schedule and random draws whatever the number of workers,
+and a checkpoint (:mod:`pipeline.finetune.resume`) from which a killed run
+goes on to the very weights an unbroken one reaches.
+
 Example:
     >>> net = build_network(bb.features, head["estimator"])                  # doctest: +SKIP
     >>> result = fit(net, backbone="resnet50", root=prepared.root, train_rows=tr,
