@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.config import reads
-from pipeline.config.checks import DECODERS, ENGINES, HEAD_KINDS, PARAMETERISATIONS, SOURCES, Section, check_split_params
+from pipeline.config.checks import DECODERS, ENGINES, HEAD_KINDS, METHODS, PARAMETERISATIONS, SOURCES, Section, check_split_params
 from pipeline.config.sections import (
     UNFREEZE, AttackConfig, BackboneConfig, DataConfig, EvaluateConfig, ExtractConfig, FeatureMapsConfig,
     FinetuneConfig, HeadConfig, HeadsConfig, QualityConfig, RayConfig, VisualizeConfig,
@@ -46,7 +46,7 @@ def read_yaml(text: str):
 
 
 __all__ = [
-    "DECODERS", "ENGINES", "HEAD_KINDS", "PARAMETERISATIONS", "SOURCES", "UNFREEZE", "AttackConfig", "BackboneConfig", "Config",
+    "DECODERS", "ENGINES", "HEAD_KINDS", "METHODS", "PARAMETERISATIONS", "SOURCES", "UNFREEZE", "AttackConfig", "BackboneConfig", "Config",
     "DataConfig", "EvaluateConfig", "ExtractConfig", "FeatureMapsConfig", "FinetuneConfig", "HeadConfig",
     "HeadsConfig", "QualityConfig", "RayConfig", "Section", "VisualizeConfig", "check_split_params", "load_config",
     "parse_config", "read_yaml",

@@ -29,6 +29,8 @@ HEAD_KINDS = {
     "logreg": {"C": (0.01, 0.1, 1.0), "max_iter": 2000},
     "svm": {"C": (0.00001, 0.0001, 0.001, 0.01), "max_iter": 10000},
 }
+#: finetune.method: what trains inside the backbone's open part (pipeline.finetune.methods).
+METHODS = ("full", "bitfit", "lora", "ssf")
 #: finetune.augment.policy: an automatic augmentation policy of torchvision.transforms.v2, or none.
 AUGMENT_POLICIES = ("none", "trivialaugment", "randaugment")
 # pipeline.runtime (where and how a network runs; here, so that checking params

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.config.checks import (
-    AUGMENT_POLICIES, DECODERS, ENGINES, EXTRACT_PRECISIONS, HEAD_KINDS, OLD_MODEL_SUFFIXES, PARAMETERISATIONS,
+    AUGMENT_POLICIES, DECODERS, ENGINES, METHODS, EXTRACT_PRECISIONS, HEAD_KINDS, OLD_MODEL_SUFFIXES, PARAMETERISATIONS,
     SOURCES, Section, _bad, _choice, _device, _int, _is_int, _is_num, _num, check_grid, check_precision, check_split_params, runtime,
 )
 from pipeline.config.reads import Recorded
@@ -269,6 +269,8 @@ class FinetuneConfig(Section):
     ema: float = 0.0  # per-step decay of an average of the weights; 0 = off
     tta_flip: bool = False  # score each photo and its mirror image, average the logits
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    method: str = "full"  # METHODS: what trains inside the open part (pipeline.finetune.methods)
+    lora_rank: int = 8  # method lora: the adapters' rank (alpha = rank)
     # Where it trains, never what it learns (the global batch and schedule are the same
     # on any number of workers): in-process, or Ray Train; torchrun is seen from its environment.
     engine: str = runtime("local")
@@ -279,6 +281,11 @@ class FinetuneConfig(Section):
     def __post_init__(self):
         w = "finetune"
         _choice(w, "engine", self.engine, ENGINES)
+        _choice(w, "method", self.method, METHODS)
+        _int(w, "lora_rank", self.lora_rank, lo=1)
+        if self.method != "full" and self.unfreeze == "none":
+            raise PipelineError(f"finetune.method {self.method} adapts the backbone's open part, and "
+                                "finetune.unfreeze: none opens none; set unfreeze: last or all, or method: full")
         _int(w, "workers", self.workers, lo=1)
         _int(w, "checkpoint_every", self.checkpoint_every)
         check_grid("logreg", self.head_C, key=f"{w}.head_C")

@@ -96,6 +96,15 @@ def unfreeze_modules(net: FineTuneNet, backbone: str, unfreeze: str, epoch: int 
     return groups
 
 
+def open_part(net: FineTuneNet, backbone: str, unfreeze: str) -> list[nn.Module]:
+    """The backbone modules ``unfreeze`` ever opens (every epoch of ``progressive`` together)."""
+    if unfreeze == "none":
+        return []
+    if unfreeze == "last":
+        return last_stage_modules(backbone, net.features)
+    return [net.features]
+
+
 def open_modules(groups: list[list[nn.Module]], unfreeze: str, epoch: int) -> list[nn.Module]:
     """The modules of ``groups`` that train in ``epoch``: all, except the still-frozen progressive groups."""
     n = 1 + max(1, epoch) if unfreeze == "progressive" else len(groups)

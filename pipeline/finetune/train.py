@@ -36,7 +36,8 @@ from pipeline.data.manifest import Row
 from pipeline.data.transform import TransformSpec
 from pipeline.finetune.data import GlobalBatches, check_batch, decode_workers, loader, mix_seed, train_loader
 from pipeline.finetune.distributed import Workers, single
-from pipeline.finetune.network import FineTuneNet, open_modules, set_train_mode, unfreeze_modules
+from pipeline.finetune import methods
+from pipeline.finetune.network import FineTuneNet, open_modules, open_part, set_train_mode, unfreeze_modules
 from pipeline.finetune.resume import (
     Checkpoints, load_optimizer_state, optimizer_state, prefixed, unprefixed,
 )
@@ -251,7 +252,11 @@ def fit(
         torch.backends.cudnn.benchmark = True
         net.to(memory_format=torch.channels_last)
 
+    # The method's parameters (adapters, scales and shifts) first: the groups and the optimiser then hold them.
+    methods.prepare(net, open_part(net, backbone, cfg.unfreeze), cfg.method, lora_rank=cfg.lora_rank,
+                    backbone=backbone)
     groups = unfreeze_modules(net, backbone, cfg.unfreeze)
+    methods.restrict(net, net.head, cfg.method)
     net.to(dev)
     n_trainable = sum(q.numel() for q in net.parameters() if q.requires_grad)
     bs, decoders = cfg.batch_size, decode_workers(cfg.decode_workers, dev)
@@ -271,7 +276,10 @@ def fit(
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing, reduction="sum")
     if ctx.main:
         log(
-            f"finetune: {backbone}, unfreeze {cfg.unfreeze} ({n_trainable:,} trainable parameters), "
+            f"finetune: {backbone}, unfreeze {cfg.unfreeze}"
+            + (f", method {cfg.method}" + (f" (rank {cfg.lora_rank})" if cfg.method == "lora" else "")
+               if cfg.method != "full" else "")
+            + f" ({n_trainable:,} trainable parameters), "
             f"{len(train_rows)} train / {len(val_rows)} validation images, batch {bs}"
             + (f" across {ctx.world_size} workers ({ctx.engine})" if ctx.distributed else "")
             + f", up to {cfg.epochs} epochs or {cfg.max_minutes:g} min, on {where.describe()}"
@@ -324,6 +332,7 @@ def fit(
     for epoch in range(run.epoch, cfg.epochs + 1 if run.stopped is None else 0):
         if cfg.unfreeze == "progressive":
             unfreeze_modules(net, backbone, cfg.unfreeze, epoch)
+            methods.restrict(net, net.head, cfg.method)
             if epoch > 1 and ctx.main:
                 log(f"finetune: epoch {epoch} trains the last {min(epoch, len(groups) - 1)} of {len(groups) - 1} "
                     f"depth groups ({sum(q.numel() for q in net.parameters() if q.requires_grad):,} parameters)")
@@ -397,6 +406,7 @@ def fit(
             break
     if best.state is not None:
         net.load_state_dict(best.state)
+    methods.merge(net, cfg.method)  # plain layers again: the model folder holds an ordinary network
     net.eval()
     if val_rows and best.epoch == 0 and ctx.main:
         log("finetune: fine-tuning did not beat the warm-start head on the validation slice; "
