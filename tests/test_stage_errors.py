@@ -90,9 +90,14 @@ def test_a_stage_that_fails_after_it_started_leaves_no_output_under_its_final_na
     assert f"cannot use {test[0].path}: file changed since the prepare stage" in line, line
     # No model and no report of the failed run under its final name; nothing the
     # earlier stages wrote is touched. DVCLive's per-epoch log is written as
-    # training goes by design (dvc plots follows a run with it): the only trace.
-    left = [p for p in sorted(set(_written(project)) - set(before)) if not p.startswith("dvclive/")]
+    # training goes by design (dvc plots follows a run with it), and the run's
+    # checkpoint stays in the cache, whole, so that the next run resumes instead
+    # of training again; no stage reads either.
+    new = sorted(set(_written(project)) - set(before))
+    left = [p for p in new if not p.startswith(("dvclive/", "data/cache/finetune/"))]
     assert left == [], f"the failed finetune stage left {left}"
+    cache = [p for p in new if p.startswith("data/cache/finetune/")]
+    assert len(cache) == 1 and cache[0].endswith("/checkpoint.safetensors"), cache  # no temporary beside it
     assert set(before) <= set(_written(project))
     assert open_cache(project.path / "data/features/resnet18.h5").paths.size == 12
 

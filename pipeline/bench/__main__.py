@@ -27,6 +27,7 @@ COMMANDS = {
     "visualize": "do ideal class images look like their class to another network?",
     "same": "did a change of structure change any result? fp32 features and heads against a git revision",
     "quality": "the quality stage's checks on 5k/10k/25k synthetic feature rows: seconds, peak memory",
+    "train_speed": "fine-tuning's training images/s against the model-only ceiling (bf16/fp32, channels_last)",
     "workers": "the finetune stage on 1 and 2 workers (torchrun, Ray Train), and killed then resumed",
 }
 
