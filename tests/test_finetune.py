@@ -320,6 +320,16 @@ def test_the_start_is_replaced_only_by_more_photos_right():
     assert kept([(0.75, 0.5), (0.75, 0.1), (0.5, 0.05)]) == 0  # the same photos right, a lower loss: the start
     assert kept([(0.75, 0.5), (1.0, 0.3), (1.0, 0.2), (1.0, 0.25)]) == 2  # among trained epochs, the loss decides
 
+    def kept_of_20(right, margin):  # 20 validation photos: the head gets 15 right, then each epoch `right`
+        best = _Best(n_val=20, margin=margin)
+        for epoch, r in enumerate([15, *right]):
+            best.offer(epoch, {"val/accuracy": r / 20, "val/loss": 1.0 - epoch / 10}, nn.Linear(1, 1))
+        return best.epoch
+
+    assert kept_of_20([16, 16], margin=2) == 0  # one photo more is noise: the head stays
+    assert kept_of_20([16, 17], margin=2) == 2  # two more replace it
+    assert kept_of_20([16], margin=1) == 1
+
 
 def test_max_minutes_stops_cleanly_and_keeps_the_best(tiny):
     bb, net, folder, rows = tiny
@@ -351,8 +361,9 @@ def test_the_kept_weights_are_the_best_epochs_not_the_last(tiny, init_seed, lr_h
     def snapshot(epoch, m):  # called with the weights just validated (the average, with ema)
         validated[epoch] = {k: v.detach().clone() for k, v in net.state_dict().items()}
 
+    # 4 validation photos: one more right must count here (beat_head_by 1), or no epoch could beat the start.
     res = _fit(net, folder, tr, va, on_epoch=snapshot, unfreeze="none", lr_head=lr_head, epochs=5, patience=2,
-               val_fraction=0.34, seed=init_seed)
+               val_fraction=0.34, seed=init_seed, beat_head_by=1)
     assert res.best_epoch == _kept(res.history), res.history
     # The case asked for, so that keeping the last epoch (or the start) would show.
     assert res.stopped == "early stopping" and res.best_epoch < res.epochs_run, res.history

@@ -4,8 +4,9 @@
   batch already in memory, repeated (no decoding, no augmentation), in bf16
   autocast and in fp32, each with and without channels_last;
 - the stage's code path: :func:`pipeline.finetune.train.fit` for one epoch on the
-  folder's photos (decoding and augmentation included), at the precision the
-  params resolve to, as the stage reports it (``train_images_per_second``).
+  folder's photos (decoding and augmentation included, channels_last inputs, the
+  weights as loaded), at the precision the params resolve to, as the stage
+  reports it (``train_images_per_second``).
 
 The ratio says how much of the ceiling the stage reaches, and so how much a
 faster data path could still give.
@@ -102,8 +103,8 @@ def run(a: argparse.Namespace) -> dict:
               log=lambda s: None, placement=where)
     out["stage"] = res.train_images_per_second
     best = max(v for k, v in out.items() if k.startswith("ceiling_"))
-    same = out[f"ceiling_{where.precision.name}"]
+    same = out[f"ceiling_{where.precision.name}_channels_last"]  # the stage's inputs are channels_last
     print(f"  the stage's path ({len(rows)} photos decoded and augmented, {where.precision.name}): "
-          f"{out['stage']:.1f} images/s = {100 * out['stage'] / same:.0f}% of the same precision's ceiling, "
-          f"{100 * out['stage'] / best:.0f}% of the best ceiling", flush=True)
+          f"{out['stage']:.1f} images/s = {100 * out['stage'] / same:.0f}% of the same precision's channels_last "
+          f"ceiling, {100 * out['stage'] / best:.0f}% of the best ceiling", flush=True)
     return out

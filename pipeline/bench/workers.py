@@ -1,6 +1,7 @@
 """The finetune stage on 1 and 2 workers, and killed then resumed: whole processes on the same photos.
 
-Runs, in one scratch folder prepared and extracted once (fp32 on the CPU):
+Runs, in one scratch folder prepared and extracted once (fp32 on the CPU, no validation slice, so
+the last epoch is kept):
 the stage in one process; under ``torchrun --nproc_per_node 2``; on 2 Ray Train
 workers of a local Ray instance; and killed with SIGKILL after a random number of
 its checkpoints, then run again to the end. Each is timed from start to exit and
@@ -97,7 +98,9 @@ def run(args: argparse.Namespace) -> dict:
     params["data"].update(source="folder", folder=str(args.folder.resolve()), test_fraction=0.2)
     params["backbone"].update(name=args.backbone, weights="DEFAULT")
     params["extract"].update(device="cpu", precision="fp32")
-    params["finetune"].update(device="cpu", precision="fp32", epochs=args.epochs)
+    # No validation slice: the last epoch is kept, so the weights compared are trained ones (with
+    # one, the guard may keep the head, equal in every run).
+    params["finetune"].update(device="cpu", precision="fp32", epochs=args.epochs, val_fraction=0.0)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = _env()
     for stage in ("prepare", "extract"):

@@ -269,6 +269,8 @@ class FinetuneConfig(Section):
     ema: float = 0.0  # per-step decay of an average of the weights; 0 = off
     tta_flip: bool = False  # score each photo and its mirror image, average the logits
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # Validation photos a fine-tuned epoch must get right beyond the warm-start head to replace it.
+    beat_head_by: int = 2
     method: str = "full"  # METHODS: what trains inside the open part (pipeline.finetune.methods)
     lora_rank: int = 8  # method lora: the adapters' rank (alpha = rank)
     # Where it trains, never what it learns (the global batch and schedule are the same
@@ -283,6 +285,7 @@ class FinetuneConfig(Section):
         _choice(w, "engine", self.engine, ENGINES)
         _choice(w, "method", self.method, METHODS)
         _int(w, "lora_rank", self.lora_rank, lo=1)
+        _int(w, "beat_head_by", self.beat_head_by, lo=1)
         if self.method != "full" and self.unfreeze == "none":
             raise PipelineError(f"finetune.method {self.method} adapts the backbone's open part, and "
                                 "finetune.unfreeze: none opens none; set unfreeze: last or all, or method: full")

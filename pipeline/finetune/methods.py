@@ -48,7 +48,7 @@ def prepare(net: nn.Module, open_part: list[nn.Module], method: str, *, lora_ran
     if method == "lora":
         _add_lora(net, open_part, lora_rank, backbone)
     elif method == "ssf":
-        layers = [m for _, m in _open_layers(open_part) if _ssf_channels(m)]
+        layers = [m for top in open_part for m in top.modules() if _ssf_channels(m)]
         if not layers:
             raise PipelineError(f"finetune.method ssf: backbone '{backbone}' has no layer with a per-channel bias "
                                 "in the part finetune.unfreeze opens; use full, bitfit or lora")
@@ -134,7 +134,13 @@ def _add_ssf(m: nn.Module) -> None:
     # last-stage rule find it, and its new parameters come with it.
     m.register_parameter("ssf_scale", nn.Parameter(m.bias.new_ones(c)))
     m.register_parameter("ssf_shift", nn.Parameter(m.bias.new_zeros(c)))
-    m._ssf_handle = m.register_forward_hook(_ssf_hook)
+    # timm's norm + activation layers (BatchNormAct2d) apply their activation inside: the
+    # scale and shift go on the affine output, before it, where their ``drop`` child sits.
+    after = getattr(m, "drop", None) if isinstance(m, NORMS) else None
+    if isinstance(after, nn.Module):
+        m._ssf_handle = after.register_forward_hook(lambda _, inputs, out, m=m: _ssf_hook(m, inputs, out))
+    else:
+        m._ssf_handle = m.register_forward_hook(_ssf_hook)
 
 
 def _fold_ssf(m: nn.Module) -> None:
