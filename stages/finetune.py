@@ -8,7 +8,7 @@ from pipeline.finetune.stage import run_finetune
 def main():
     cfg = load_config()
     run_finetune(cfg, prepared_dir="data/prepared", features_dir="data/features", out_dir="models/finetune",
-                 live_dir="dvclive", reports_dir="reports")
+                 live_dir="dvclive", reports_dir="reports", cache_dir="data/cache/finetune")
 
 
 if __name__ == "__main__":

@@ -61,7 +61,8 @@ def trained(tmp_path_factory):
                      prepared_dir=project / "data/prepared", models_dir=project / "models",
                      reports_dir=project / "reports")
     run_finetune(cfg, prepared_dir=project / "data/prepared", features_dir=project / "data/features",
-                 out_dir=project / "models/finetune", live_dir=base / "dvclive", reports_dir=base / "reports")
+                 out_dir=project / "models/finetune", live_dir=base / "dvclive", reports_dir=base / "reports",
+                 cache_dir=project / "data/cache/finetune")
 
     photos = base / "photos"
     (photos / "nested" / "dog").mkdir(parents=True)

@@ -74,7 +74,7 @@ def _poison(cache, paths) -> None:
 def _run(tmp_path, cfg):
     return run_finetune(cfg, prepared_dir=tmp_path / "prepared", features_dir=tmp_path / "features",
                         out_dir=tmp_path / "models/finetune", live_dir=tmp_path / "dvclive",
-                        reports_dir=tmp_path / "reports")
+                        reports_dir=tmp_path / "reports", cache_dir=tmp_path / "cache")
 
 
 def test_no_validation_image_reaches_the_warm_start_head(small_project, capsys):

@@ -269,7 +269,7 @@ def test_several_workers_in_one_process_are_refused_before_anything_is_written(t
     with pytest.raises(PipelineError, match="finetune.workers is 2 with finetune.engine: local.*torchrun "
                                             "--nproc_per_node 2 -m stages.finetune"):
         run_finetune(cfg, prepared_dir="data/prepared", features_dir="data/features", out_dir="models/finetune",
-                     live_dir="dvclive", reports_dir="reports")
+                     live_dir="dvclive", reports_dir="reports", cache_dir="data/cache/finetune")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
 
 
@@ -283,7 +283,7 @@ def test_an_unreachable_ray_address_is_refused_in_seconds_not_minutes(tmp_path, 
     t = time.perf_counter()
     with pytest.raises(PipelineError, match=f"nothing answers at finetune.ray.address '127.0.0.1:{port}'"):
         run_finetune(cfg, prepared_dir="data/prepared", features_dir="data/features", out_dir="models/finetune",
-                     live_dir="dvclive", reports_dir="reports")
+                     live_dir="dvclive", reports_dir="reports", cache_dir="data/cache/finetune")
     assert time.perf_counter() - t < 30
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
 

@@ -61,8 +61,7 @@ def score_test(net, fs, features_file, prepared_dir, cfg: Config, transform,
     return head_metrics(y, pred, probs, len(fs.classes), cfg.evaluate.top_k), y, pred
 
 
-def run_finetune(cfg: Config, *, prepared_dir, features_dir, out_dir, live_dir, reports_dir,
-                 cache_dir="data/cache/finetune") -> FitResult:
+def run_finetune(cfg: Config, *, prepared_dir, features_dir, out_dir, live_dir, reports_dir, cache_dir) -> FitResult:
     """Fine-tune ``cfg.backbone`` from a head fitted on its training part; write the model, logs and test metrics.
 
     Under ``torchrun`` every process runs this function: each trains its share,
@@ -71,7 +70,8 @@ def run_finetune(cfg: Config, *, prepared_dir, features_dir, out_dir, live_dir, 
 
     Example:
         >>> run_finetune(load_config(), prepared_dir="data/prepared", features_dir="data/features",
-        ...              out_dir="models/finetune", live_dir="dvclive", reports_dir="reports")  # doctest: +SKIP
+        ...              out_dir="models/finetune", live_dir="dvclive", reports_dir="reports",
+        ...              cache_dir="data/cache/finetune")  # doctest: +SKIP
     """
     t0 = time.perf_counter()
     ft = cfg.finetune

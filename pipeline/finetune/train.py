@@ -420,7 +420,8 @@ def fit(
             "keeping the head's weights")
     rate = round(run.images_trained / run.seconds_training, 2) if run.seconds_training else None
     epochs_run = max((h["epoch"] for h in run.history), default=0) if cfg.epochs else 0
-    return FitResult(best.epoch, best.accuracy, epochs_run, stopped, run.elapsed + time.perf_counter() - t_start,
+    # This process's seconds (what wall_seconds beside them measures); max_minutes counted the earlier runs' too.
+    return FitResult(best.epoch, best.accuracy, epochs_run, stopped, time.perf_counter() - t_start,
                      run.history, rate,
                      resumed_from=f"epoch {run.resumed[0]}, step {run.resumed[1]}" if run.resumed else None)
 
