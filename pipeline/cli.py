@@ -8,6 +8,11 @@ from typing import Callable
 from pipeline.errors import PipelineError
 
 
+def say(line: str) -> None:
+    """A stage's log line, flushed at once: DVC and a pipe would otherwise hold it until the stage ends."""
+    print(line, flush=True)
+
+
 def run_stage(main: Callable[[], object]) -> None:
     """Call ``main``; a :class:`PipelineError` prints ``error: ...`` and exits 1.
 

@@ -71,6 +71,25 @@ def check_reachable(address: str, key: str, timeout: float = 5.0) -> None:
                             "(ray start --head), check the address, or set it to '' for a local Ray") from None
 
 
+def check_resources(ray, address: str, workers: int, per_worker: dict[str, float], what: str, remedy: str,
+                    warn) -> None:
+    """Refuse, rather than wait forever for, ``workers`` a local instance cannot place.
+
+    ``per_worker``: Ray resources (``CPU``, ``GPU``) each worker asks for; ``what``
+    names the workers in the message and ``remedy`` says which params to lower. A
+    cluster with an autoscaler may grow, so there ``warn`` gets a line instead.
+    """
+    have = ray.cluster_resources()
+    short = [f"{workers} x {n:g} {kind}s but it has {have.get(kind, 0):g}"
+             for kind, n in per_worker.items() if n and workers * n > have.get(kind, 0)]
+    if not short:
+        return
+    msg = f"{what} need {' and '.join(short)}; {remedy}"
+    if not address:
+        raise PipelineError(f"the local Ray instance is too small: {msg}")
+    warn(f"warning: the Ray cluster has too few resources now (they wait for an autoscaler): {msg}")
+
+
 def pipeline_error_in(e: BaseException) -> PipelineError | None:
     """The PipelineError a Ray worker raised, however Ray wrapped it."""
     seen = set()

@@ -35,7 +35,7 @@ from pipeline.extract.cache import cache_attrs
 from pipeline.extract.compute import ExtractResult, Timing, run_batches
 from pipeline.extract.store import FeatureStore, store_key, write_from_store
 from pipeline.fileio import remove_stale_temporaries
-from pipeline.raycluster import connect, import_ray, pipeline_error_in
+from pipeline.raycluster import check_resources, connect, import_ray, pipeline_error_in
 from pipeline.runtime import Runner, place
 
 
@@ -194,7 +194,10 @@ def _compute(ray, todo: list[Row], rows: list[Row], settings: dict, take, *, add
     """Run the actors over ``todo``; ``take`` receives each output batch on the driver."""
     started_here = connect(ray, address, num_cpus, "extract.ray.address")
     try:
-        _check_resources(ray, address, concurrency, num_cpus_per_worker, num_gpus_per_worker)
+        check_resources(ray, address, concurrency, {"CPU": num_cpus_per_worker, "GPU": num_gpus_per_worker},
+                        f"extract.ray.concurrency={concurrency} actors",
+                        "lower extract.ray.concurrency or extract.ray.num_gpus_per_worker",
+                        warn=lambda line: tqdm.write(f"extract: {line}"))
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # the driver's own bar below is enough in a DVC log
         ctx.print_on_execution_start = False
@@ -222,26 +225,6 @@ def _compute(ray, todo: list[Row], rows: list[Row], settings: dict, take, *, add
     finally:
         if started_here:
             ray.shutdown()
-
-
-def _check_resources(ray, address, concurrency, cpus_per_worker, gpus_per_worker) -> None:
-    """Refuse, rather than wait forever for, actors a local instance cannot place.
-
-    A cluster with an autoscaler may grow, so there it is a warning.
-    """
-    have = ray.cluster_resources()
-    short = []
-    if concurrency * cpus_per_worker > have.get("CPU", 0):
-        short.append(f"{concurrency} x {cpus_per_worker:g} CPUs but it has {have.get('CPU', 0):g}")
-    if gpus_per_worker and concurrency * gpus_per_worker > have.get("GPU", 0):
-        short.append(f"{concurrency} x {gpus_per_worker:g} GPUs but it has {have.get('GPU', 0):g}")
-    if not short:
-        return
-    msg = (f"extract.ray.concurrency={concurrency} actors need {' and '.join(short)}; "
-           "lower extract.ray.concurrency or extract.ray.num_gpus_per_worker")
-    if not address:
-        raise PipelineError(f"the local Ray instance is too small: {msg}")
-    tqdm.write(f"extract: warning: the Ray cluster has too few resources now (actors wait for an autoscaler): {msg}")
 
 
 def run_stage(backbone, extract, prepared, out: Path) -> ExtractResult:

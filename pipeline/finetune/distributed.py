@@ -83,7 +83,8 @@ class Workers:
         return out
 
     def wrap(self, net: nn.Module) -> nn.Module:
-        """The module that trains: ``net`` itself, or DDP around it (built again whenever what trains changes).
+        """The module that trains: ``net`` itself, or DDP around it (built again whenever what trains changes:
+        ``progressive`` unfreezing).
 
         No buffer sync before each forward pass: batch norm's statistics never
         change (eval mode), so there is nothing to send.

@@ -30,10 +30,6 @@ from pipeline.errors import PipelineError
 NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
 
 
-def _open_layers(modules: list[nn.Module]) -> list[tuple[str, nn.Module]]:
-    return [(n, m) for top in modules for n, m in top.named_modules() if not any(True for _ in m.children())]
-
-
 def prepare(net: nn.Module, open_part: list[nn.Module], method: str, *, lora_rank: int, backbone: str) -> None:
     """Add the method's parameters to ``open_part`` (the backbone modules ``unfreeze`` opens), in place.
 
@@ -98,7 +94,7 @@ def _add_lora(net: nn.Module, open_part: list[nn.Module], rank: int, backbone: s
                             "pip install 'transfer-pipeline[peft]' (or pip install peft), or set finetune.method: "
                             "full, bitfit or ssf") from None
     names = {id(m): n for n, m in net.named_modules()}
-    targets = [names[id(m)] for _, m in _open_layers(open_part)
+    targets = [names[id(m)] for top in open_part for m in top.modules()
                if isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1)]
     if not targets:
         raise PipelineError(f"finetune.method lora: backbone '{backbone}' has no Conv2d or Linear layer in the part "

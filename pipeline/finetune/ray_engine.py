@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pipeline.backbones import load_backbone
+from pipeline.cli import say
 from pipeline.config import FinetuneConfig
 from pipeline.data.manifest import Row
 from pipeline.errors import PipelineError
@@ -32,7 +33,7 @@ from pipeline.finetune.distributed import backend_for, from_ray
 from pipeline.finetune.network import FineTuneNet
 from pipeline.finetune.resume import Checkpoints
 from pipeline.finetune.train import FitResult, fit
-from pipeline.raycluster import connect, import_ray, pipeline_error_in
+from pipeline.raycluster import check_resources, connect, import_ray, pipeline_error_in
 from pipeline.runtime import Placement, place
 
 FINAL = "final.safetensors"
@@ -49,7 +50,7 @@ def _worker(config: dict) -> None:
     net.load_state_dict(config["start"])
     where = place(cfg.device, cfg.precision, section="finetune")
     workers = from_ray(where.device)
-    log = print if workers.main else (lambda s: None)
+    log = say if workers.main else (lambda s: None)
     result = fit(net, backbone=bb.name, root=config["root"], train_rows=config["train_rows"],
                  val_rows=config["val_rows"], transform_spec=bb.transform_spec, cfg=cfg, log=log,
                  placement=where, workers=workers, checkpoints=Checkpoints(config["cache"], config["key"], log))
@@ -82,12 +83,10 @@ def train_with_ray(net: FineTuneNet, *, backbone, root, train_rows: Sequence[Row
     started = connect(ray, r.address, max(os.cpu_count() or 1, int(cfg.workers * r.cpus_per_worker + 0.999)),
                       "finetune.ray.address")
     try:
-        have = ray.cluster_resources()
-        need = {"CPU": cfg.workers * r.cpus_per_worker, **({"GPU": cfg.workers} if cuda else {})}
-        short = [f"{v:g} {k}s but it has {have.get(k, 0):g}" for k, v in need.items() if v > have.get(k, 0)]
-        if short and not r.address:
-            raise PipelineError(f"finetune.workers={cfg.workers} needs {' and '.join(short)} on the local Ray "
-                                "instance; lower finetune.workers or finetune.ray.cpus_per_worker")
+        check_resources(ray, r.address, cfg.workers, {"CPU": r.cpus_per_worker, "GPU": 1 if cuda else 0},
+                        f"finetune.workers={cfg.workers} workers",
+                        "lower finetune.workers or finetune.ray.cpus_per_worker",
+                        warn=lambda line: say(f"finetune: {line}"))
         folder = checkpoints.path.parent.resolve()
         trainer = TorchTrainer(
             _worker,

@@ -22,6 +22,7 @@ import torch
 from dvclive import Live
 
 from pipeline.backbones import load_backbone
+from pipeline.cli import say
 from pipeline.config import Config
 from pipeline.data.manifest import read_prepared
 from pipeline.errors import PipelineError
@@ -33,12 +34,12 @@ from pipeline.finetune.checkpoint import save_finetuned
 from pipeline.finetune.data import loader, split_validation
 from pipeline.finetune.distributed import Workers, from_torchrun, launched_by_torchrun, leave, single
 from pipeline.finetune.ray_engine import train_with_ray
-from pipeline.finetune.resume import Checkpoints, run_key
-from pipeline.raycluster import check_reachable, import_ray
 from pipeline.finetune.network import build_network
-from pipeline.finetune.train import FitResult, fit, predict_logits
+from pipeline.finetune.resume import Checkpoints, run_key
+from pipeline.finetune.train import FitResult, fit, predict_logits, replay
 from pipeline.finetune.warmstart import fit_warm_start, keep_or_refit
 from pipeline.provenance import made_from, trained_on
+from pipeline.raycluster import check_reachable, import_ray
 from pipeline.runtime import Placement, place
 
 FINETUNE = "finetune"
@@ -104,7 +105,7 @@ def _workers(ft, where: Placement) -> Workers:
 def _run(cfg: Config, where: Placement, workers: Workers, t0: float, *, prepared_dir, features_dir, out_dir,
          live_dir, reports_dir, cache_dir) -> FitResult:
     ft = cfg.finetune
-    log = print if workers.main else (lambda s: None)
+    log = say if workers.main else (lambda s: None)
     prepared = read_prepared(prepared_dir)
     bb = load_backbone(cfg.backbone.name, cfg.backbone.weights, cfg.backbone.input_size)
     features_file = features_path(features_dir, cfg.backbone.name)
@@ -139,8 +140,7 @@ def _run(cfg: Config, where: Placement, workers: Workers, t0: float, *, prepared
                 f"({ft.ray.address or 'a local Ray instance'})")
             result = train_with_ray(net, backbone=bb, root=prepared.root, train_rows=train_rows, val_rows=val_rows,
                                     cfg=ft, placement=where, checkpoints=checkpoints)
-            for h in result.history:  # the workers' epochs, logged here, where the files are written
-                on_epoch(h["epoch"], {k: v for k, v in h.items() if k != "epoch"})
+            replay(result.history, on_epoch)  # the workers' epochs, logged here, where the files are written
         else:
             result = fit(net, backbone=bb.name, root=prepared.root, train_rows=train_rows, val_rows=val_rows,
                          transform_spec=bb.transform_spec, cfg=ft, on_epoch=on_epoch if workers.main else None,

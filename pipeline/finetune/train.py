@@ -258,8 +258,12 @@ def fit(
     # The method's parameters (adapters, scales and shifts) first: the groups and the optimiser then hold them.
     methods.prepare(net, open_part(net, backbone, cfg.unfreeze), cfg.method, lora_rank=cfg.lora_rank,
                     backbone=backbone)
-    groups = unfreeze_modules(net, backbone, cfg.unfreeze)
-    methods.restrict(net, net.head, cfg.method)
+    def unfreeze(epoch: int) -> list[list[nn.Module]]:  # and, within what opens, only what the method trains
+        groups = unfreeze_modules(net, backbone, cfg.unfreeze, epoch)
+        methods.restrict(net, net.head, cfg.method)
+        return groups
+
+    groups = unfreeze(1)
     net.to(dev)
     n_trainable = sum(q.numel() for q in net.parameters() if q.requires_grad)
     bs, decoders = cfg.batch_size, decode_workers(cfg.decode_workers, dev)
@@ -308,9 +312,8 @@ def fit(
         if ctx.main:
             log(f"finetune: resuming from epoch {run.epoch}, step {run.step} of {n_batches} "
                 f"({checkpoints.path})")
-            for h in run.history:  # DVCLive's log was an output: deleted before this run
-                if on_epoch:
-                    on_epoch(h["epoch"], {k: v for k, v in h.items() if k != "epoch"})
+            if on_epoch:  # DVCLive's log was an output: deleted before this run
+                replay(run.history, on_epoch)
     ctx.agree(run.epoch * (n_batches + 1) + run.step, "the step to resume from")
     deadline = t_start + 60.0 * cfg.max_minutes - run.elapsed
 
@@ -331,16 +334,15 @@ def fit(
             if on_epoch:
                 on_epoch(0, start)
     stopped = run.stopped or "epochs"
-    epoch = run.epoch - 1
+    model = ctx.wrap(net)
     for epoch in range(run.epoch, cfg.epochs + 1 if run.stopped is None else 0):
         if cfg.unfreeze == "progressive":
-            unfreeze_modules(net, backbone, cfg.unfreeze, epoch)
-            methods.restrict(net, net.head, cfg.method)
+            unfreeze(epoch)
+            model = ctx.wrap(net)  # DDP syncs the parameters that train at its construction: these ones now
             if epoch > 1 and ctx.main:
                 log(f"finetune: epoch {epoch} trains the last {min(epoch, len(groups) - 1)} of {len(groups) - 1} "
                     f"depth groups ({sum(q.numel() for q in net.parameters() if q.requires_grad):,} parameters)")
         set_train_mode(net, open_modules(groups, cfg.unfreeze, epoch))
-        model = ctx.wrap(net)  # after unfreezing: DDP syncs the parameters that train now
         first = run.step
         sampler = GlobalBatches(len(train_rows), bs, cfg.seed, epoch, ctx.rank, ctx.world_size, start=first)
         batches = train_loader(root, train_rows, train_transform, sampler, decoders, pin_memory=dev.type == "cuda")
@@ -424,6 +426,12 @@ def fit(
     return FitResult(best.epoch, best.accuracy, epochs_run, stopped, time.perf_counter() - t_start,
                      run.history, rate,
                      resumed_from=f"epoch {run.resumed[0]}, step {run.resumed[1]}" if run.resumed else None)
+
+
+def replay(history: list[dict], on_epoch: Callable[[int, dict], None]) -> None:
+    """Call ``on_epoch`` with each epoch of ``history`` (from a checkpoint, or from Ray's workers)."""
+    for h in history:
+        on_epoch(h["epoch"], {k: v for k, v in h.items() if k != "epoch"})
 
 
 class _Run:
