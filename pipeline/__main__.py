@@ -4,6 +4,7 @@
 ``python -m pipeline predict PATH ...`` classifies photos with a trained model;
 ``python -m pipeline export MODEL --format onnx`` writes a model folder as one ONNX graph.
 ``python -m pipeline quality exclude --kinds KIND,...`` adds the quality stage's suspects to the exclude file.
+``python -m pipeline compile`` builds the compiled package the extract stage loads (params.yaml's settings).
 """
 
 from __future__ import annotations
@@ -48,6 +49,23 @@ def _export(args) -> None:
 
 def _quality_exclude(args) -> None:
     exclude_suspects(args.kinds.split(","), args.source, args.dest)
+
+
+def _compile(args) -> None:
+    # Imported on use: the other commands never need torch's compiler.
+    import dataclasses
+
+    from pipeline.config import load_config, parse_config
+    from pipeline.extract.local import build_package
+    from pipeline.extract.stage import cache_dirs
+
+    cfg = load_config(args.params) if args.params else parse_config({})
+    given = lambda **kw: {k: v for k, v in kw.items() if v is not None}  # noqa: E731
+    backbone = dataclasses.replace(cfg.backbone, **given(name=args.backbone, weights=args.weights,
+                                                          input_size=args.input_size))
+    extract = dataclasses.replace(cfg.extract, **given(precision=args.precision, batch_size=args.batch_size,
+                                                        device=args.device, store=args.store))
+    build_package(backbone, extract, cache_dirs(extract)[1], args.prepared)
 
 
 def main(argv=None) -> None:
@@ -109,6 +127,23 @@ def main(argv=None) -> None:
     x.add_argument("--to", dest="dest", default=None,
                    help="the exclude file (default: data.exclude of params.yaml, else data/exclude.txt)")
     x.set_defaults(func=_quality_exclude)
+    c = sub.add_parser(
+        "compile",
+        help="build the compiled package that the extract stage loads (data/cache/compiled/)",
+        description="Export the backbone and compile it ahead of time (AOTInductor) for the extract stage's "
+        "settings in params.yaml, so that every later extraction runs compiled from its first batch. A package "
+        "that exists is loaded and checked instead. Options override params.yaml.",
+    )
+    c.add_argument("--params", default="params.yaml", help="the params file (default params.yaml; \"\": the defaults)")
+    c.add_argument("--backbone", help="backbone.name")
+    c.add_argument("--weights", help="backbone.weights")
+    c.add_argument("--input-size", type=int, help="backbone.input_size")
+    c.add_argument("--precision", help="extract.precision")
+    c.add_argument("--batch-size", type=int, help="extract.batch_size")
+    c.add_argument("--device", help="extract.device")
+    c.add_argument("--store", help="extract.store (the packages go beside it, in compiled/)")
+    c.add_argument("--prepared", default="data/prepared", help="the manifest's folder (int8 calibrates on it)")
+    c.set_defaults(func=_compile)
     args = parser.parse_args(argv)
     run_stage(lambda: args.func(args))
 

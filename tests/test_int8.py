@@ -41,7 +41,7 @@ def test_int8_heads_agree_with_fp32(tmp_path, folder_name, request):
         results[precision] = extract_features(bb, root=p.root, rows=p.rows, classes=p.classes, out_path=out,
                                               precision=precision, store_dir=tmp_path / "store", compile=False)
         sets[precision] = open_cache(out, {"precision": precision})
-    assert results["int8"].mode == "int8" and results["int8"].n_reused == 0
+    assert results["int8"].mode == "packaged" and results["int8"].n_reused == 0
     assert len(sets["int8"].attrs["int8_calibration"]) == 16
     a, b = sets["fp32"].features, sets["int8"].features
     cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)

@@ -35,6 +35,7 @@ def both(tmp_path_factory, catsdogs):
 
     One extra manifest row names a real photo with a wrong content hash: both
     engines must skip it, with the same reason, and keep the rest in order.
+    The local engine compiles its package; the actors (compile: auto) load it.
     """
     folder = catsdogs
     work = tmp_path_factory.mktemp("ray")
@@ -45,14 +46,15 @@ def both(tmp_path_factory, catsdogs):
 
     t = time.perf_counter()
     local = extract_features(
-        load_backbone(BACKBONE), root=p.root, rows=rows, classes=p.classes, out_path=work / "local" / f"{BACKBONE}.h5"
+        load_backbone(BACKBONE), root=p.root, rows=rows, classes=p.classes, out_path=work / "local" / f"{BACKBONE}.h5",
+        compile=True, compiled_dir=work / "compiled",
     )
     local_s = time.perf_counter() - t
     t = time.perf_counter()
     ray = extract_with_ray(
         backbone_name=BACKBONE, weights="DEFAULT", root=p.root, rows=rows, classes=p.classes,
         out_path=work / "ray" / f"{BACKBONE}.h5", address="", num_cpus=2, concurrency=2,
-        store_dir=work / "store",
+        store_dir=work / "store", compiled_dir=work / "compiled",
     )
     ray_s = time.perf_counter() - t
     print(f"\ncatsdogs, {BACKBONE}, 241 rows: local engine {local_s:.1f} s, ray engine {ray_s:.1f} s "
@@ -67,6 +69,9 @@ def test_ray_file_equals_local_engine(both):
     assert both["ray"].n_computed == 240 and both["ray"].n_reused == 0
     assert both["ray"].skipped == both["local"].skipped
     assert "changed since" in both["ray"].skipped[0]["reason"]
+    # One package, built by the local engine, loaded by every actor.
+    assert both["local"].mode == "packaged" and len(both["local"].packages) == 1
+    assert both["ray"].packages == both["local"].packages
     with h5py.File(both["local_file"]) as a, h5py.File(both["ray_file"]) as b:
         np.testing.assert_allclose(b["features"][:], a["features"][:], rtol=1e-4, atol=1e-5)
         for name in SCHEMA:

@@ -62,7 +62,9 @@ def test_compile_auto_compiles_only_when_it_saves_more_than_it_costs(tmp_path, m
     many = Runner(_net(), cpu, "fp32", compile="auto")
     # 100,000 images at 20 ms: ~460 s saved.
     many.consider_compiling(100_000, 0.020)
-    assert many.mode == "compiled"
+    assert many.compiles_next and few.wants_package and not many.wants_package
+    many(torch.randn(2, 3, 16, 16))  # built on the first call, in a folder of its own
+    assert many.mode == "packaged"
     captured = capsys.readouterr()
     out = captured.err + captured.out
     assert "staying eager" in out and "compiling" in out and "cold compile cache" in out

@@ -9,13 +9,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import platform
 import subprocess
 import time
 from pathlib import Path
 from typing import Callable
 
 from pipeline.data.manifest import Row
+from pipeline.machine import describe_cpu_line
 
 #: The repository root: the code a scratch project or a subprocess runs.
 ROOT = Path(__file__).resolve().parents[2]
@@ -87,12 +87,4 @@ def describe_cpu() -> str:
     numpy's version."""
     import numpy as np
 
-    model, flags = platform.processor() or "unknown CPU", set()
-    try:
-        info = open("/proc/cpuinfo", encoding="ascii", errors="replace").read()
-        model = next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name"))
-        flags = set(next(line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")))
-    except (OSError, StopIteration):
-        pass
-    shown = [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile") if f in flags]
-    return f"{model}, {os.cpu_count()} CPUs ({' '.join(shown) or 'no AVX2'}), numpy {np.__version__}"
+    return f"{describe_cpu_line()}, numpy {np.__version__}"

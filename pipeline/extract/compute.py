@@ -26,6 +26,8 @@ class ExtractResult:
     computed: list = field(default_factory=list)  # paths computed in this run
     mode: str = "eager"
     first_batch_seconds: float | None = None  # process start to the first computed batch (Linux)
+    packages: list = field(default_factory=list)  # the compiled package files that computed the rows
+    package_wanted: bool = False  # compile: auto stayed eager where a compiled package would serve later runs
 
     @property
     def images_per_second(self) -> float:
@@ -61,7 +63,7 @@ def run_batches(runner: Runner, spec: TransformSpec, batches, timing: Timing, n_
         f = runner(x).cpu().numpy()
         if compiles and first_compiled:
             first_compiled = False
-            timing.compile_seconds = runner.prepare_seconds + time.perf_counter() - t_call
+            timing.compile_seconds = time.perf_counter() - t_call
             t0 += time.perf_counter() - t_call
         done += len(chunk)
         timing.seconds = time.perf_counter() - t0

@@ -13,10 +13,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from pipeline.backbones import Backbone, get_spec, load_backbone
-from pipeline.data.manifest import Prepared, Row
+from pipeline.compiled import packages_for
+from pipeline.data.manifest import Prepared, Row, read_prepared
 from pipeline.extract import decode
 from pipeline.extract.cache import cache_attrs
 from pipeline.extract.compute import (
@@ -28,6 +30,7 @@ from pipeline.extract.compute import (
     good_rows,
     run_batches,
 )
+from pipeline.errors import PipelineError
 from pipeline.extract.store import FeatureStore, store_key, write_from_store
 from pipeline.fileio import remove_stale_temporaries
 from pipeline.runtime import EXTRACT_PRECISIONS, Placement, Precision, Runner, place, process_age
@@ -49,6 +52,7 @@ def extract_features(
     store_dir: str | Path | None = None,
     flush_every: int = 256,
     early=None,
+    compiled_dir: str | Path | None = None,
 ) -> ExtractResult:
     """Push every image of ``rows`` through ``backbone.features`` into an HDF5 cache.
 
@@ -61,6 +65,8 @@ def extract_features(
         store_dir: folder of the per-image store; ``None`` keeps a temporary
             one beside ``out_path`` only for this call (no reuse).
         flush_every: rows per store shard: a killed run recomputes at most this many.
+        compiled_dir: folder of the compiled-model cache (:mod:`pipeline.compiled`);
+            ``None``: a package, where one is built, serves this call only.
         early: batches of ``rows`` from :func:`~pipeline.extract.decode.batches`,
             started before the backbone was loaded (decoding while the network
             loads); used when exactly those rows are to be computed with the
@@ -94,13 +100,15 @@ def extract_features(
         if early is not None and not (todo == rows and early.request == request):
             early.close()
             early = None
-        timing, failed, mode = Timing(), {}, "-"
+        timing, failed, mode, wants_package, packages = Timing(), {}, "-", False, []
         if todo:
             source = early or decode.batches(decoder, root, todo, spec, batch_size, decode_threads, dev)
             early = None  # closed by _compute from here on
             runner = _runner(backbone, dev, prec, compile, calibration, root, decoder, batch_size,
-                             decode_threads, source)
+                             decode_threads, source, compiled_dir)
             mode = _compute(runner, backbone, todo, store, source, timing, failed)
+            wants_package = runner.wants_package
+            packages = [str(runner.loaded_from)] if runner.mode == "packaged" else []
         index = store.index()  # now with the rows just computed
         good = [r for r in rows if r.sha256 in index]
         skipped = [{"path": r.path, "reason": failed.get(r.sha256, "could not be decoded (see above)")}
@@ -129,24 +137,34 @@ def extract_features(
         computed=computed,
         mode=mode,
         first_batch_seconds=timing.first_batch_age,
+        packages=packages,
+        package_wanted=wants_package,
     )
 
 
 def _runner(backbone: Backbone, dev, prec: Precision, compile, calibration: list[Row], root: Path, decoder: str,
-            batch_size: int, decode_threads: int, source) -> Runner:
-    """The network's runner; for int8, quantized on ``calibration`` (``source`` is closed on failure)."""
+            batch_size: int, decode_threads: int, source, compiled_dir=None) -> Runner:
+    """The network's runner, with its package cache in ``compiled_dir``; for int8, calibrated on
+    ``calibration`` (decoded only if the package must be built). ``source`` is closed on failure."""
     try:
-        batches = []
-        if calibration:
-            calib = decode.batches(decoder, root, calibration, backbone.transform_spec, batch_size, decode_threads, dev)
-            try:
-                batches = calibration_batches(calib, backbone.transform_spec, dev, batch_size)
-            finally:
-                calib.close()
-        return Runner(backbone.features, dev, prec, compile, calibration=batches)
+        calib = calibration and (lambda: _calibration(backbone, dev, calibration, root, decoder, batch_size,
+                                                      decode_threads))
+        packages = (packages_for(compiled_dir, backbone, dev, prec.name, batch_size, calibration_id(calibration)
+                                 if calibration else "") if compiled_dir is not None else None)
+        return Runner(backbone.features, dev, prec, compile, calibration=calib, packages=packages)
     except BaseException:
         source.close()
         raise
+
+
+def _calibration(backbone: Backbone, dev, calibration: list[Row], root: Path, decoder: str, batch_size: int,
+                 decode_threads: int) -> list:
+    """The int8 calibration photos, decoded into full batches."""
+    calib = decode.batches(decoder, root, calibration, backbone.transform_spec, batch_size, decode_threads, dev)
+    try:
+        return calibration_batches(calib, backbone.transform_spec, dev, batch_size)
+    finally:
+        calib.close()
 
 
 def _compute(runner: Runner, backbone: Backbone, todo: list[Row], store: FeatureStore, source,
@@ -171,7 +189,7 @@ def _compute(runner: Runner, backbone: Backbone, todo: list[Row], store: Feature
     return runner.mode
 
 
-def run_stage(backbone, extract, prepared: Prepared, out: Path) -> ExtractResult:
+def run_stage(backbone, extract, prepared: Prepared, out: Path, compiled_dir=None) -> ExtractResult:
     """The extract stage on this machine (``extract.engine: local``).
 
     The first batches decode while the network loads (and, for int8, is
@@ -194,4 +212,51 @@ def run_stage(backbone, extract, prepared: Prepared, out: Path) -> ExtractResult
         bb, root=prepared.root, rows=prepared.rows, classes=prepared.classes, out_path=out,
         batch_size=e.batch_size, device=where, decode_threads=e.decode_threads,
         decoder=e.decoder, compile=e.compile, store_dir=e.store or None, flush_every=e.flush_every, early=early,
+        compiled_dir=compiled_dir,
     )
+
+
+def build_package(backbone, extract, compiled_dir: str | Path, prepared_dir: str | Path = "data/prepared") -> Path:
+    """Build (or load and check) the compiled package the extract stage would use with these settings.
+
+    ``python -m pipeline compile``, and the background build that
+    ``compile: auto`` starts when compiling did not pay on its own run.
+    int8 reads its calibration photos from ``prepared_dir``'s manifest.
+
+    Returns:
+        the package's path.
+
+    Raises:
+        PipelineError: the network could not be compiled (the stage would run eager).
+    """
+    e = extract
+    where = place(e.device, e.precision, section="extract", accepted=EXTRACT_PRECISIONS)
+    dev, prec = where.device, where.precision
+    bb = load_backbone(backbone.name, backbone.weights, backbone.input_size)
+    calibration, root, decoder = [], Path("."), decode.resolve_decoder(e.decoder, dev)
+    if prec.name == "int8":
+        prepared = read_prepared(prepared_dir)
+        calibration, root = calibration_rows(prepared.rows), prepared.root
+    runner = _runner(bb, dev, prec, True, calibration, root, decoder, e.batch_size, e.decode_threads,
+                     source=_Nothing(), compiled_dir=compiled_dir)
+    crop = bb.transform_spec.crop
+    # Only the shape matters to the export; a loaded package is checked on these inputs too.
+    x = torch.randn(e.batch_size, 3, crop, crop, device=dev).contiguous(memory_format=torch.channels_last)
+    runner(x)
+    if runner.mode != "packaged":
+        raise PipelineError(f"{bb.name} could not be compiled on {where.describe()} (see above); "
+                            "the extract stage runs it eager")
+    path = runner.loaded_from
+    if not runner.prepare_seconds:
+        print(f"compile: {path} is ready: loaded and checked against the eager network", flush=True)
+    else:
+        print(f"compile: built {path} in {runner.prepare_seconds:.1f} s ({bb.name}, {prec.name}, "
+              f"batch {e.batch_size}, {where.describe()})", flush=True)
+    return Path(path)
+
+
+class _Nothing:
+    """A decoded-batch source with nothing in it (the package is built from a random batch)."""
+
+    def close(self) -> None:
+        pass

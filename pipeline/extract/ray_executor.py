@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.backbones import load_backbone
+from pipeline.compiled import packages_for
 from pipeline.data.manifest import Row
 from pipeline.errors import PipelineError
 from pipeline.extract import decode
@@ -52,7 +53,7 @@ class _ExtractWorker:
     """
 
     def __init__(self, *, backbone_name, weights, input_size, provenance, root, batch_size, decoder, decode_threads,
-                 compile_, device, precision, torch_threads, expected_images):
+                 compile_, device, precision, torch_threads, expected_images, compiled_dir=None):
         torch.set_num_threads(max(1, int(torch_threads)))
         self.bb = load_backbone(backbone_name, weights, input_size)
         found = self.bb.provenance()
@@ -65,7 +66,10 @@ class _ExtractWorker:
         self.root, self.batch_size, self.decoder = Path(root), batch_size, decoder
         self.decode_threads = decode_threads
         where = place(torch.device(device), precision, section="extract")  # once per actor process
-        self.runner = Runner(self.bb.features, where.device, where.precision, compile_)
+        # The package cache is shared with the local engine: actors on the machine that built it load it.
+        packages = (packages_for(compiled_dir, self.bb, where.device, where.precision.name, batch_size)
+                    if compiled_dir else None)
+        self.runner = Runner(self.bb.features, where.device, where.precision, compile_, packages=packages)
         self.left = expected_images  # this actor's expected share, for compile: auto
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
@@ -93,12 +97,15 @@ class _ExtractWorker:
             "features": feats,
             "reason": np.array(reasons, dtype=object),
             "worker": np.array([self.id] * len(rows), dtype=object),
+            "package": np.array([str(self.runner.loaded_from or "") if self.runner.mode == "packaged" else ""]
+                                * len(rows), dtype=object),
         }
 
 
-def _take(out: dict, rows: list[Row], store: FeatureStore, done: set, failed: dict) -> None:
-    """Add one output batch of the actors to the store (a batch may mix actors)."""
+def _take(out: dict, rows: list[Row], store: FeatureStore, done: set, failed: dict, packages: set) -> None:
+    """Add one output batch of the actors to the store (a batch may mix actors); note the packages they ran."""
     idx, feats, reasons = out["i"], out["features"], out["reason"]
+    packages.update(p for p in out["package"] if p)
     ok = []
     for j, i in enumerate(idx):
         r = rows[i]
@@ -118,6 +125,7 @@ def extract_with_ray(
     store_dir, address: str = "", num_gpus_per_worker: float = 0, concurrency: int = 2, batch_size: int = 32,
     num_cpus: int | None = None, num_cpus_per_worker: float = 1, decoder: str = "auto", decode_threads: int = 1,
     compile: str | bool = "auto", precision: str = "fp32", flush_every: int = 256, rows_per_task: int | None = None,
+    compiled_dir=None,
 ) -> ExtractResult:
     """Extract features of ``rows`` with Ray Data actors into the feature cache.
 
@@ -131,6 +139,8 @@ def extract_with_ray(
         num_gpus_per_worker: GPUs per actor; 0 runs CPU actors.
         concurrency: number of actors.
         rows_per_task: rows per Ray task (default: a few model batches, so every actor gets work).
+        compiled_dir: the compiled-package cache (:mod:`pipeline.compiled`), an absolute path every
+            actor can read; ``None``: none (an actor that compiles builds its own).
 
     Raises:
         PipelineError: Ray missing, unreachable cluster, too small a local
@@ -154,6 +164,7 @@ def extract_with_ray(
     todo = store.todo(rows)
     done: set[str] = set()
     failed: dict[str, str] = {}
+    packages: set[str] = set()
     t0 = time.perf_counter()
     try:
         if todo:
@@ -161,9 +172,9 @@ def extract_with_ray(
                 backbone_name=bb.name, weights=weights, input_size=input_size, provenance=bb.provenance(), root=str(root),
                 batch_size=batch_size, decoder=decoder, decode_threads=decode_threads, device=device.type,
                 compile_=compile, precision=prec.name, torch_threads=num_cpus_per_worker,
-                expected_images=-(-len(todo) // concurrency),
+                expected_images=-(-len(todo) // concurrency), compiled_dir=str(compiled_dir or ""),
             )
-            _compute(ray, todo, rows, settings, lambda out: _take(out, rows, store, done, failed),
+            _compute(ray, todo, rows, settings, lambda out: _take(out, rows, store, done, failed, packages),
                      address=address, num_cpus=num_cpus, num_cpus_per_worker=num_cpus_per_worker,
                      num_gpus_per_worker=num_gpus_per_worker, concurrency=concurrency,
                      rows_per_task=rows_per_task, batch_size=batch_size)
@@ -186,6 +197,7 @@ def extract_with_ray(
         skipped=[{"path": r.path, "reason": failed.get(r.sha256, "could not be decoded (see above)")}
                  for r in rows if r.sha256 not in index],
         computed=[r.path for r in todo if r.sha256 in done], mode="ray",
+        packages=sorted(packages),
     )
 
 
@@ -227,7 +239,7 @@ def _compute(ray, todo: list[Row], rows: list[Row], settings: dict, take, *, add
             ray.shutdown()
 
 
-def run_stage(backbone, extract, prepared, out: Path) -> ExtractResult:
+def run_stage(backbone, extract, prepared, out: Path, compiled_dir=None) -> ExtractResult:
     """The extract stage on a Ray cluster (``extract.engine: ray``, settings under ``extract.ray``)."""
     e, r = extract, extract.ray
     print(f"extract: {len(prepared.rows)} images through {backbone.name} on Ray "
@@ -237,5 +249,5 @@ def run_stage(backbone, extract, prepared, out: Path) -> ExtractResult:
         root=prepared.root, rows=prepared.rows, classes=prepared.classes, out_path=out, store_dir=e.store or None,
         address=r.address, num_gpus_per_worker=r.num_gpus_per_worker, concurrency=r.concurrency,
         batch_size=e.batch_size, decoder=e.decoder, decode_threads=e.decode_threads, compile=e.compile,
-        precision=e.precision, flush_every=e.flush_every,
+        precision=e.precision, flush_every=e.flush_every, compiled_dir=compiled_dir,
     )

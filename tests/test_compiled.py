@@ -1,0 +1,173 @@
+"""The compiled-model cache: one package per key, built once, loaded after, never trusted blindly."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from pipeline.compiled import Packages, package_key
+from pipeline.runtime import Runner
+
+CPU = torch.device("cpu")
+SHAPE = (4, 3, 32, 32)
+
+
+def _net(seed: int = 0) -> nn.Module:
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        net = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 16, 3),
+                            nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        net[1].running_mean.uniform_(-0.5, 0.5)
+        net[1].running_var.uniform_(0.5, 2.0)
+    return net.eval()
+
+
+def _key(**changes) -> dict:
+    key = package_key({"backbone": "tiny", "weights": "seed0"}, "fp32", SHAPE[0], SHAPE[1:], CPU)
+    return {**key, **changes}
+
+
+def _x(n: int = SHAPE[0], seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((n, *SHAPE[1:]), generator=g).contiguous(memory_format=torch.channels_last)
+
+
+def _eager(net, x):
+    with torch.no_grad():
+        return net(x)
+
+
+def test_built_once_then_loaded_and_equal_to_eager(tmp_path, capsys):
+    net, x = _net(), _x()
+    first = Runner(_net(), CPU, "fp32", compile=True, packages=Packages(tmp_path, _key()))
+    assert first.compiles_next and first.mode == "eager"
+    out = first(x)
+    assert first.mode == "packaged" and first.prepare_seconds > 0
+    assert torch.allclose(out, _eager(net, x), atol=1e-5)
+    assert [p.name for p in tmp_path.glob("*.pt2")] == [first.loaded_from.name]
+
+    # A later run: loaded before its first batch, nothing built, the same outputs bit for bit.
+    later = Runner(_net(), CPU, "fp32", compile="auto", packages=Packages(tmp_path, _key()))
+    assert later.mode == "packaged" and not later.compiles_next and not later.undecided
+    assert torch.equal(later(x), out)
+    assert later.prepare_seconds == 0
+    assert "loaded the compiled package" in capsys.readouterr().out
+    # A short last batch is padded to the package's batch size, and cut back.
+    short = x[:3]
+    assert torch.allclose(later(short), _eager(net, short), atol=1e-5) and later(short).shape[0] == 3
+    # compile: false never looks at packages.
+    assert Runner(_net(), CPU, "fp32", compile=False, packages=Packages(tmp_path, _key())).mode == "eager"
+
+
+def test_foreign_or_torn_package_is_ignored_and_rebuilt(tmp_path, capsys):
+    x = _x()
+    built = Packages(tmp_path, _key())
+    Runner(_net(), CPU, "fp32", compile=True, packages=built)(x)
+    other = Packages(tmp_path, _key(torch="0.0"))  # as after a torch upgrade
+    other.path.write_bytes(built.path.read_bytes())  # a file under its name, built for another key
+    assert other.load() is None
+    assert "was built for torch" in capsys.readouterr().out
+
+    runner = Runner(_net(), CPU, "fp32", compile=True, packages=Packages(tmp_path, _key(torch="0.0")))
+    assert runner.mode == "eager" and runner.compiles_next
+    runner(x)
+    assert runner.mode == "packaged"
+    found = torch._inductor.aoti_load_package(str(other.path)).get_metadata()["pipeline_key"]
+    assert json.loads(found)["torch"] == "0.0"  # rebuilt for its own key
+
+    data = other.path.read_bytes()
+    other.path.write_bytes(data[: len(data) // 2])  # torn, as by a crash mid-copy
+    torn = Runner(_net(), CPU, "fp32", compile="auto", packages=Packages(tmp_path, _key(torch="0.0")))
+    assert torn.mode == "eager" and torn.undecided  # ignored: as if there were none
+    assert "ignoring the unreadable compiled package" in capsys.readouterr().out
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_package_that_disagrees_with_the_eager_network_is_removed(tmp_path, capsys):
+    x = _x()
+    packages = Packages(tmp_path, _key())
+    Runner(_net(seed=0), CPU, "fp32", compile=True, packages=packages)(x)
+    # Same key, other weights: what a key that misses a field would let through.
+    changed = _net(seed=5)
+    runner = Runner(changed, CPU, "fp32", compile="auto", packages=Packages(tmp_path, _key()))
+    assert runner.mode == "packaged"
+    out = runner(x)
+    assert torch.equal(out, _eager(changed, x))  # the eager network's features, never the package's
+    assert runner.mode == "eager" and runner.wants_package
+    assert not packages.path.exists()
+    assert "disagrees with the eager network" in capsys.readouterr().out
+
+
+_BUILD = textwrap.dedent("""
+    import json, sys, torch
+    sys.path.insert(0, {tests!r})
+    from test_compiled import _key, _net, _x
+    from pipeline.compiled import Packages
+    p = Packages({folder!r}, _key())
+    model = p.build(_net(), _x(), "fp32")
+    print(json.dumps({{"built": p.built, "out": model(_x()).tolist()}}))
+""")
+
+
+def test_two_processes_building_one_key_make_one_package(tmp_path):
+    code = _BUILD.format(tests=str(__import__("pathlib").Path(__file__).parent), folder=str(tmp_path))
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-2000:]
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    assert sorted(r["built"] for r in results) == [False, True]  # the second waited, then loaded the first's
+    assert results[0]["out"] == results[1]["out"]
+    assert len(list(tmp_path.glob("*.pt2"))) == 1
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left
+
+
+@pytest.mark.sample_data
+def test_compile_command_builds_the_package_the_stage_then_runs(tmp_path, catsdogs, monkeypatch, capsys):
+    """``python -m pipeline compile`` in a project; the extract stage (compile: auto) then runs compiled
+    from its first batch, with the eager network's features."""
+    from pipeline.config import BackboneConfig, ExtractConfig
+    from pipeline.data.sources import prepare
+    from pipeline.extract.cache import open_cache
+    from pipeline.extract.stage import run_extract
+
+    photos = tmp_path / "photos"
+    for cls in ("cat", "dog"):
+        (photos / cls).mkdir(parents=True)
+        for f in sorted((catsdogs / cls).iterdir())[:10]:
+            (photos / cls / f.name).symlink_to(f)
+    project = tmp_path / "project"
+    project.mkdir()
+    prepare(source="folder", folder=photos, out_dir=project / "data" / "prepared")
+    options = ["--backbone", "efficientnet_lite0", "--precision", "fp32", "--batch-size", "8"]
+    cmd = [sys.executable, "-m", "pipeline", "compile", "--params", "", *options]
+    built = subprocess.run(cmd, cwd=project, capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, built.stderr[-2000:]
+    assert "compile: built" in built.stdout
+    [package] = (project / "data" / "cache" / "compiled").glob("*.pt2")
+
+    monkeypatch.chdir(project)
+    backbone = BackboneConfig(name="efficientnet_lite0")
+    results = {}
+    for mode in ("auto", False):
+        extract = ExtractConfig(precision="fp32", batch_size=8, compile=mode, store="")
+        results[mode] = run_extract(backbone=backbone, extract=extract, out_dir=f"out-{mode}")
+    packaged, eager = results["auto"], results[False]
+    assert packaged.mode == "packaged" and packaged.packages == [str(package.resolve())]
+    assert packaged.compile_seconds == 0 and eager.mode == "eager" and eager.packages == []
+    a = open_cache("out-auto/efficientnet_lite0.h5").features
+    b = open_cache("out-False/efficientnet_lite0.h5").features
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert a.shape == (20, 1280) and cos.min() > 0.9999, cos.min()
+
+    again = subprocess.run(cmd, cwd=project, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "is ready: loaded and checked" in again.stdout, again.stderr[-2000:]
