@@ -166,6 +166,7 @@ class Packages:
         except ImportError:
             yield True
             return
+        self.folder.mkdir(parents=True, exist_ok=True)
         with open(self.path.with_suffix(".lock"), "a") as f:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
@@ -179,6 +180,8 @@ class Packages:
 
     def building_elsewhere(self) -> bool:
         """True while another process holds this key's lock (builds its package)."""
+        if not self.path.with_suffix(".lock").exists():
+            return False
         with self._lock(wait=False) as locked:
             return not locked
 

@@ -3,10 +3,11 @@
 ``python -m pipeline.bench process`` (or ``extract --whole-process``) runs, in one
 sitting on the same photos:
 
-- the ``extract`` stage as a subprocess (``python -m stages.extract`` in a
-  scratch project) with an empty feature store, twice: first with an empty
-  compile cache (a machine's first run), then with the compile cache that run
-  left (a user's usual run);
+- per precision, the ``extract`` stage as a subprocess (``python -m
+  stages.extract`` in a scratch project) with an empty feature store, twice:
+  first with empty caches (a machine's first run), then, after ``python -m
+  pipeline compile`` has the package ready, with the caches that run left
+  (a user's next run on new photos);
 - the lesson's loop as a subprocess: ImageFolder + DataLoader (2 workers), the
   weights' transform, fp32 under ``no_grad``.
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import textwrap
@@ -33,7 +35,6 @@ from PIL import Image, ImageOps
 
 from pipeline.bench.common import ROOT, add_photo_arguments, rewrite_folder, timed_run
 from pipeline.data.sources import prepare
-from pipeline.runtime import compile_cache_warm
 
 #: The variants make_set writes of each photo: every one is a different file.
 VARIANTS = (
@@ -77,31 +78,45 @@ LESSON_LOOP = textwrap.dedent(
 )
 
 
-def whole_process(folder, backbone: str, weights: str = "DEFAULT", precision: str = "auto",
-                  decoder: str = "auto", compile="auto", lesson: bool = True) -> dict:
-    """Time the stage (cold and warm compile cache) and the lesson's loop as whole processes."""
+def whole_process(folder, backbone: str, weights: str = "DEFAULT", precisions=("auto",), decoder: str = "auto",
+                  compile="auto", lesson: bool = True) -> dict:
+    """Time the stage per precision (a machine's first run, then a second one) and the lesson's loop.
+
+    Each precision gets a scratch project of its own. Its first run starts
+    with empty caches (Inductor's and the compiled packages). Then ``python -m
+    pipeline compile`` waits for the package that run left building in the
+    background (or builds it); the second run starts with an empty feature
+    store and the caches kept, as a user's next run on new photos.
+    """
     folder = Path(folder).resolve()
-    out: dict = {}
+    out: dict = {"runs": {}}
     with tempfile.TemporaryDirectory(prefix="bench-process-") as tmp:
         tmp = Path(tmp)
-        prepare(source="folder", folder=folder, out_dir=tmp / "data/prepared", test_fraction=0.2)
-        params = {"backbone": {"name": backbone, "weights": weights},
-                  "extract": {"precision": precision, "decoder": decoder, "compile": compile,
-                              "store": str(tmp / "store")}}
-        (tmp / "params.yaml").write_text(yaml.safe_dump(params))
-        env = dict(os.environ, PYTHONPATH=str(ROOT), TORCHINDUCTOR_CACHE_DIR=str(tmp / "inductor"))
-        for run in ("cold", "warm"):
-            seconds, stdout, stderr = timed_run([sys.executable, "-m", "stages.extract"], tmp, env)
-            log = stdout + stderr
-            stats = json.loads((tmp / "reports/extract.json").read_text())["extract"]
-            out[f"stage_{run}_s"] = seconds
-            out[f"stage_{run}_ips"] = stats["images_per_second"]  # the network phase: decoding + network
-            out["images"] = stats["images"]
-            out[f"first_batch_{run}_s"] = stats["first_batch_seconds"]
-            out[f"stage_{run}_log"] = [line for line in log.splitlines() if line.startswith("extract:")]
-            (tmp / "store").rename(tmp / f"store-{run}")  # the next run starts with an empty store
-            if run == "cold":  # an eager first run leaves nothing for the second to reuse
-                out["compiled_graphs_left"] = compile_cache_warm(env["TORCHINDUCTOR_CACHE_DIR"])
+        prepare(source="folder", folder=folder, out_dir=tmp / "prepared", test_fraction=0.2)
+        for precision in precisions:
+            project = tmp / f"project-{precision}"
+            shutil.copytree(tmp / "prepared", project / "data" / "prepared")
+            params = {"backbone": {"name": backbone, "weights": weights},
+                      "extract": {"precision": precision, "decoder": decoder, "compile": compile,
+                                  "store": str(project / "cache" / "store")}}
+            (project / "params.yaml").write_text(yaml.safe_dump(params))
+            env = dict(os.environ, PYTHONPATH=str(ROOT), TORCHINDUCTOR_CACHE_DIR=str(project / "inductor"))
+            run: dict = {}
+            for which in ("first", "second"):
+                seconds, stdout, stderr = timed_run([sys.executable, "-m", "stages.extract"], project, env)
+                stats = json.loads((project / "reports/extract.json").read_text())["extract"]
+                log = [line for line in (stdout + stderr).splitlines() if line.startswith("extract:")]
+                run[which] = {"s": seconds, "ips": stats["images_per_second"], "first_batch_s":
+                              stats["first_batch_seconds"], "log": log,
+                              "packaged": any("(packaged)" in line for line in log)}
+                out["images"] = stats["images"]
+                (project / "cache" / "store").rename(project / "cache" / f"store-{which}")  # next: an empty store
+                if which == "first":
+                    # The package the first run built, or left building in the background, or none yet.
+                    run["package_s"], stdout, _ = timed_run([sys.executable, "-m", "pipeline", "compile"], project,
+                                                            env)
+                    run["package_log"] = stdout.strip().splitlines()[-1:]
+            out["runs"][precision] = run
         if lesson:
             out["lesson_s"], _, _ = timed_run([sys.executable, "-c", LESSON_LOOP, str(folder), backbone, weights],
                                               tmp, env)
@@ -110,30 +125,34 @@ def whole_process(folder, backbone: str, weights: str = "DEFAULT", precision: st
 
 def report(r: dict, backbone: str) -> str:
     n = r["images"]
-    lines = [f"whole process, {backbone}, {n} images (process start to exit):",
-             f"  stage, empty store, cold compile cache: {r['stage_cold_s']:6.1f} s ({n / r['stage_cold_s']:.1f} img/s)"
-             f", first batch after {r['first_batch_cold_s']} s",
-             f"  stage, empty store, compile cache the first run left: {r['stage_warm_s']:6.1f} s "
-             f"({n / r['stage_warm_s']:.1f} img/s), first batch after {r['first_batch_warm_s']} s"
-             + ("" if r.get("compiled_graphs_left", True) else " (it held no compiled graph: the first run stayed eager)")]
-    lines += [f"    {line}" for run in ("cold", "warm") for line in r[f"stage_{run}_log"]
-              if "compile auto" in line or " images in " in line]
+    lines = [f"whole process, {backbone}, {n} images (process start to exit):"]
+    for precision, run in r["runs"].items():
+        for which in ("first", "second"):
+            x = run[which]
+            ratio = f", {r['lesson_s'] / x['s']:.2f}x the lesson loop" if "lesson_s" in r else ""
+            lines.append(f"  stage, precision {precision}, {which} run: {x['s']:6.1f} s, first batch after "
+                         f"{x['first_batch_s']} s, network phase {x['ips']} img/s"
+                         f"{' (packaged)' if x['packaged'] else ''}{ratio}")
+            lines += [f"    {line}" for line in x["log"] if "compile" in line or " images in " in line]
+            if which == "first":
+                lines.append(f"  python -m pipeline compile after it: {run['package_s']:.1f} s "
+                             f"({' '.join(run['package_log'])})")
     if "lesson_s" in r:
         lines.append(f"  lesson loop (ImageFolder + DataLoader, 2 workers, fp32): {r['lesson_s']:6.1f} s "
                      f"({n / r['lesson_s']:.1f} img/s)")
-        lines.append(f"  stage (warm) vs lesson loop: {r['lesson_s'] / r['stage_warm_s']:.2f}x")
     return "\n".join(lines)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_photo_arguments(p)
-    p.add_argument("--precision", default="auto", help="auto | fp32 | bf16 | int8, as extract.precision")
+    p.add_argument("--precision", default="auto", help="auto | fp32 | bf16 | int8, as extract.precision; several "
+                   "comma-separated (auto,int8)")
     p.add_argument("--decoder", default="auto")
     p.add_argument("--baseline", action="store_true", help="also time the lesson loop as a whole process")
 
 
 def run(a: argparse.Namespace) -> dict:
     """Also ``extract --whole-process``'s first part: ``a`` may hold extract's options too."""
-    r = whole_process(a.folder, a.backbone, a.weights, a.precision, a.decoder, lesson=a.baseline)
+    r = whole_process(a.folder, a.backbone, a.weights, a.precision.split(","), a.decoder, lesson=a.baseline)
     print(report(r, a.backbone), flush=True)
     return r

@@ -19,7 +19,7 @@ from pipeline.errors import PipelineError
 # (a test checks each tuple against the module that implements it).
 SOURCES = ("cats-vs-dogs", "folder", "oxford-iiit-pet")  # pipeline.data.sources
 ENGINES = ("local", "ray")  # pipeline.extract.stage.ENGINES and pipeline.finetune.stage's launchers
-DECODERS = ("auto", "pillow", "pillow-exact", "torchvision")  # pipeline.extract.decode
+DECODERS = ("auto", "pillow", "pillow-exact", "pillow-tensor", "torchvision")  # pipeline.extract.decode
 PARAMETERISATIONS = ("fourier", "pixel")  # pipeline.visualize.param
 #: Model files of the layout before model folders (pickles): refused with the folder to use instead.
 OLD_MODEL_SUFFIXES = (".pt", ".json", ".joblib")
