@@ -44,34 +44,46 @@ def _eager(net, x):
         return net(x)
 
 
-def test_built_once_then_loaded_and_equal_to_eager(tmp_path, capsys):
-    net, x = _net(), _x()
-    first = Runner(_net(), CPU, "fp32", compile=True, packages=Packages(tmp_path, _key()))
-    assert first.compiles_next and first.mode == "eager"
-    out = first(x)
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """One package of the tiny network, built by a runner's first call (the tests below copy it)."""
+    folder = tmp_path_factory.mktemp("packages")
+    first = Runner(_net(), CPU, "fp32", compile=True, packages=Packages(folder, _key()))
+    compiles = first.compiles_next and first.mode == "eager"
+    out = first(_x())
+    return dict(runner=first, out=out, compiled_on_first_call=compiles, folder=folder)
+
+
+def _copy(built, folder, key) -> Packages:
+    """``built``'s package file under the name of ``key`` in ``folder``."""
+    packages = Packages(folder, key)
+    packages.path.write_bytes(built["runner"].loaded_from.read_bytes())
+    return packages
+
+
+def test_built_once_then_loaded_and_equal_to_eager(built, capsys):
+    net, x, first = _net(), _x(), built["runner"]
+    assert built["compiled_on_first_call"]
     assert first.mode == "packaged" and first.prepare_seconds > 0
-    assert torch.allclose(out, _eager(net, x), atol=1e-5)
-    assert [p.name for p in tmp_path.glob("*.pt2")] == [first.loaded_from.name]
+    assert torch.allclose(built["out"], _eager(net, x), atol=1e-5)
+    assert [p.name for p in built["folder"].glob("*.pt2")] == [first.loaded_from.name]
 
     # A later run: loaded before its first batch, nothing built, the same outputs bit for bit.
-    later = Runner(_net(), CPU, "fp32", compile="auto", packages=Packages(tmp_path, _key()))
+    later = Runner(_net(), CPU, "fp32", compile="auto", packages=Packages(built["folder"], _key()))
     assert later.mode == "packaged" and not later.compiles_next and not later.undecided
-    assert torch.equal(later(x), out)
+    assert torch.equal(later(x), built["out"])
     assert later.prepare_seconds == 0
     assert "loaded the compiled package" in capsys.readouterr().out
     # A short last batch is padded to the package's batch size, and cut back.
     short = x[:3]
     assert torch.allclose(later(short), _eager(net, short), atol=1e-5) and later(short).shape[0] == 3
     # compile: false never looks at packages.
-    assert Runner(_net(), CPU, "fp32", compile=False, packages=Packages(tmp_path, _key())).mode == "eager"
+    assert Runner(_net(), CPU, "fp32", compile=False, packages=Packages(built["folder"], _key())).mode == "eager"
 
 
-def test_foreign_or_torn_package_is_ignored_and_rebuilt(tmp_path, capsys):
+def test_foreign_or_torn_package_is_ignored_and_rebuilt(built, tmp_path, capsys):
     x = _x()
-    built = Packages(tmp_path, _key())
-    Runner(_net(), CPU, "fp32", compile=True, packages=built)(x)
-    other = Packages(tmp_path, _key(torch="0.0"))  # as after a torch upgrade
-    other.path.write_bytes(built.path.read_bytes())  # a file under its name, built for another key
+    other = _copy(built, tmp_path, _key(torch="0.0"))  # as after a torch upgrade: built for another key
     assert other.load() is None
     assert "was built for torch" in capsys.readouterr().out
 
@@ -90,10 +102,9 @@ def test_foreign_or_torn_package_is_ignored_and_rebuilt(tmp_path, capsys):
     assert not list(tmp_path.glob(".*.tmp"))
 
 
-def test_package_that_disagrees_with_the_eager_network_is_removed(tmp_path, capsys):
+def test_package_that_disagrees_with_the_eager_network_is_removed(built, tmp_path, capsys):
     x = _x()
-    packages = Packages(tmp_path, _key())
-    Runner(_net(seed=0), CPU, "fp32", compile=True, packages=packages)(x)
+    packages = _copy(built, tmp_path, _key())
     # Same key, other weights: what a key that misses a field would let through.
     changed = _net(seed=5)
     runner = Runner(changed, CPU, "fp32", compile="auto", packages=Packages(tmp_path, _key()))

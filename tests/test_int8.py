@@ -96,3 +96,36 @@ def test_int8_is_refused_on_ray(tmp_path):
     with pytest.raises(PipelineError, match="extract.precision: int8 runs on the local engine only"):
         extract_with_ray(backbone_name="efficientnet_lite0", weights="DEFAULT", root=tmp_path, rows=[], classes=[],
                          out_path=tmp_path / "f.h5", store_dir=tmp_path / "store", precision="int8")
+
+
+def test_int8_calibration_is_reproducible_and_the_package_is_reused(tmp_path):
+    """Quantizing twice on the same photos gives the same network; its package, once built, is loaded:
+    no second quantization."""
+    import_or_skip("torchao", "int8 needs torchao: pip install .[int8]")
+    from torch import nn
+
+    from pipeline.compiled import Packages, package_key
+    from pipeline.runtime import Runner
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+    calibration = [torch.rand(4, 3, 24, 24).contiguous(memory_format=torch.channels_last) for _ in range(2)]
+    x = torch.rand(4, 3, 24, 24).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        a, b = (quantize_int8(net, calibration)(x) for _ in range(2))
+        other = quantize_int8(net, [c * 3 for c in calibration])(x)  # other photos: other ranges
+    assert torch.equal(a, b)
+    assert not torch.equal(a, other)
+
+    key = package_key({"backbone": "tiny"}, "int8", 4, (3, 24, 24), torch.device("cpu"), calibration="abc")
+    asked = []
+    first = Runner(net, torch.device("cpu"), "int8", calibration=lambda: asked.append(1) or calibration,
+                   packages=Packages(tmp_path, key))
+    out = first(x)
+    assert first.mode == "packaged" and asked == [1]
+    assert torch.allclose(out, a, atol=0.05 * a.abs().max())  # compiled int8 kernels against the simulated graph
+    again = Runner(net, torch.device("cpu"), "int8", calibration=lambda: asked.append(2) or calibration,
+                   packages=Packages(tmp_path, key))
+    assert again.mode == "packaged" and torch.equal(again(x), out)
+    assert asked == [1]  # the second runner never decoded nor quantized

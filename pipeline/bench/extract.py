@@ -233,7 +233,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_photo_arguments(p)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="auto", help="auto | fp32 | bf16 | int8, as extract.precision")
+    p.add_argument("--precision", default="auto", help="auto | fp32 | bf16 | int8, as extract.precision; "
+                   "with --whole-process several, comma-separated (auto,int8): the first is the one measured in process")
     p.add_argument("--decoder", default="auto")
     p.add_argument("--decode-threads", type=int, default=ExtractConfig.decode_threads)
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the straightforward loop")
@@ -251,7 +252,7 @@ def run(a: argparse.Namespace) -> dict:
         if a.whole_process_only:
             return r
     out = bench_extract(a.folder, a.backbone, a.weights, a.batch_size, a.device, a.baseline, a.limit,
-                        a.decode_threads, a.decoder, a.workers, a.precision)
+                        a.decode_threads, a.decoder, a.workers, a.precision.split(",")[0])
     if a.whole_process:
         for precision, run in r["runs"].items():
             ips = run["second"]["ips"]

@@ -233,15 +233,21 @@ def build_package(backbone, extract, compiled_dir: str | Path, prepared_dir: str
     where = place(e.device, e.precision, section="extract", accepted=EXTRACT_PRECISIONS)
     dev, prec = where.device, where.precision
     bb = load_backbone(backbone.name, backbone.weights, backbone.input_size)
-    calibration, root, decoder = [], Path("."), decode.resolve_decoder(e.decoder, dev)
-    if prec.name == "int8":
+    decoder = decode.resolve_decoder(e.decoder, dev)
+    try:
         prepared = read_prepared(prepared_dir)
-        calibration, root = calibration_rows(prepared.rows), prepared.root
+    except PipelineError:
+        if prec.name == "int8":
+            raise
+        prepared = None  # fp32/bf16 need no photos to compile: the check then runs on noise
+    calibration = calibration_rows(prepared.rows) if prec.name == "int8" else []
+    root = prepared.root if prepared else Path(".")
     runner = _runner(bb, dev, prec, True, calibration, root, decoder, e.batch_size, e.decode_threads,
                      source=_Nothing(), compiled_dir=compiled_dir)
-    crop = bb.transform_spec.crop
-    # Only the shape matters to the export; a loaded package is checked on these inputs too.
-    x = torch.randn(e.batch_size, 3, crop, crop, device=dev).contiguous(memory_format=torch.channels_last)
+    # The export needs only the shape; a package found is checked on this batch, so real photos
+    # where there are some (int8's features are checked against the float network's, which noise
+    # would not resemble).
+    x = _example_batch(bb, prepared, decoder, e.batch_size, dev)
     runner(x)
     if runner.mode != "packaged":
         raise PipelineError(f"{bb.name} could not be compiled on {where.describe()} (see above); "
@@ -255,8 +261,24 @@ def build_package(backbone, extract, compiled_dir: str | Path, prepared_dir: str
     return Path(path)
 
 
+def _example_batch(bb: Backbone, prepared, decoder: str, batch_size: int, dev) -> torch.Tensor:
+    """The first photos of the manifest as one normalised batch; noise without a manifest."""
+    spec = bb.transform_spec
+    if prepared is not None:
+        source = decode.batches(decoder, prepared.root, calibration_rows(prepared.rows, batch_size), spec,
+                                batch_size, 1, dev)
+        try:
+            batches = calibration_batches(source, spec, dev, batch_size)
+        finally:
+            source.close()
+        if batches:
+            return batches[0]
+    x = torch.randn(batch_size, 3, spec.crop, spec.crop, device=dev)
+    return x.contiguous(memory_format=torch.channels_last)
+
+
 class _Nothing:
-    """A decoded-batch source with nothing in it (the package is built from a random batch)."""
+    """A decoded-batch source with nothing in it (:func:`build_package` calls the runner itself)."""
 
     def close(self) -> None:
         pass
