@@ -11,7 +11,7 @@ machine (CPU model and vector extensions, or GPU model and CUDA version).
 The key's digest names the file, and the key itself is stored in the
 package's metadata and compared on load: a package of another key, or one
 that cannot be read, is rebuilt with a one-line message, never trusted. The
-:class:`~pipeline.runtime.Runner` also checks a loaded package against the
+:class:`~pipeline.extract.runner.Runner` also checks a loaded package against the
 eager network on its first batch (:data:`PARITY`).
 
 Packages are written under a lock, through a temporary file renamed into
@@ -99,8 +99,9 @@ class Packages:
         label: prefix of the one-line messages (the stage's name).
     """
 
-    def __init__(self, folder: str | os.PathLike, key: dict, label: str = "extract"):
+    def __init__(self, folder: str | os.PathLike, key: dict, label: str = "extract", device_index: int = -1):
         self.folder, self.key, self.label = Path(folder), key, label
+        self.device_index = device_index  # the CUDA device a package is loaded onto (-1: the current one)
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         name = file_stem(str(key.get("backbone", "net")).replace("/", "-"))
         self.path = self.folder / f"{name}-{key['precision']}-b{key['batch_size']}-{digest}.pt2"
@@ -111,7 +112,7 @@ class Packages:
         if not self.path.is_file():
             return None
         try:
-            model = torch._inductor.aoti_load_package(str(self.path))
+            model = torch._inductor.aoti_load_package(str(self.path), device_index=self.device_index)
             found = json.loads(model.get_metadata().get("pipeline_key", "null"))
         except Exception as e:  # noqa: BLE001 - a torn or foreign file: any failure means rebuild
             if not quiet:
@@ -207,4 +208,5 @@ def packages_for(folder: str | os.PathLike, backbone, device: torch.device, prec
     """The package cache of ``backbone``'s feature network, as the extract stage runs it."""
     crop = backbone.transform_spec.crop
     key = package_key(backbone.provenance(), precision, batch_size, (3, crop, crop), device, calibration)
-    return Packages(folder, key, label)
+    index = device.index if device.type == "cuda" and device.index is not None else -1
+    return Packages(folder, key, label, index)

@@ -16,7 +16,8 @@ from conftest import import_or_skip
 
 from pipeline.config import ExtractConfig, FinetuneConfig, VisualizeConfig
 from pipeline.errors import PipelineError
-from pipeline.runtime import EXTRACT_PRECISIONS, quantize_int8, resolve_precision
+from pipeline.extract.runner import quantize_int8
+from pipeline.runtime import EXTRACT_PRECISIONS, resolve_precision
 
 
 @pytest.mark.slow
@@ -105,7 +106,7 @@ def test_int8_calibration_is_reproducible_and_the_package_is_reused(tmp_path):
     from torch import nn
 
     from pipeline.compiled import Packages, package_key
-    from pipeline.runtime import Runner
+    from pipeline.extract.runner import Runner
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3),

@@ -8,9 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline import runtime
+from pipeline.extract import runner as extract_runner
 from pipeline.errors import PipelineError
-from pipeline.runtime import Runner, resolve_device
+from pipeline.extract.runner import Runner
+from pipeline.runtime import resolve_device
 
 
 @pytest.fixture(autouse=True)
@@ -84,14 +85,14 @@ def test_compile_cache_folder_is_used_and_reported_warm(tmp_path, users):
         mp.setenv("TORCHINDUCTOR_CACHE_DIR", str(user_folder))
         if not users:
             mp.delenv("TORCHINDUCTOR_CACHE_DIR")
-        folder = runtime.use_compile_cache(tmp_path / "inductor")
+        folder = extract_runner.use_compile_cache(tmp_path / "inductor")
         # The project's folder, unless the user named one: theirs wins.
         assert folder == (user_folder if users else (tmp_path / "inductor").resolve()) and folder.is_dir()
         assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(folder)  # where torch.compile looks
-        assert not runtime.compile_cache_warm()
+        assert not extract_runner.compile_cache_warm()
         (folder / "fxgraph" / "ab").mkdir(parents=True)
         (folder / "fxgraph" / "ab" / "entry").write_bytes(b"x")
-        assert runtime.compile_cache_warm()
+        assert extract_runner.compile_cache_warm()
         # Another process's cache, named by its folder (the whole-process bench asks so).
-        assert runtime.compile_cache_warm(folder) and not runtime.compile_cache_warm(tmp_path / "other")
+        assert extract_runner.compile_cache_warm(folder) and not extract_runner.compile_cache_warm(tmp_path / "other")
     assert _changes(before) == {}  # restored exactly, whatever it held before

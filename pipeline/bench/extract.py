@@ -40,7 +40,8 @@ from pipeline.errors import PipelineError
 from pipeline.extract import decode
 from pipeline.extract.local import extract_features
 from pipeline.machine import describe_cpu_line
-from pipeline.runtime import EXTRACT_PRECISIONS, Precision, Runner, place
+from pipeline.extract.runner import Runner
+from pipeline.runtime import EXTRACT_PRECISIONS, Precision, place
 
 
 def _model_only(model, batches, device, repeat=1) -> float:

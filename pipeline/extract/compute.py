@@ -10,7 +10,8 @@ import torch
 
 from pipeline.data.manifest import Row
 from pipeline.data.transform import TransformSpec
-from pipeline.runtime import INT8_CALIBRATION_IMAGES, Runner
+from pipeline.extract.runner import Runner
+from pipeline.runtime import INT8_CALIBRATION_IMAGES
 
 
 @dataclass

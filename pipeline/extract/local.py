@@ -33,7 +33,8 @@ from pipeline.extract.compute import (
 from pipeline.errors import PipelineError
 from pipeline.extract.store import FeatureStore, store_key, write_from_store
 from pipeline.fileio import remove_stale_temporaries
-from pipeline.runtime import EXTRACT_PRECISIONS, Placement, Precision, Runner, place, process_age
+from pipeline.extract.runner import Runner
+from pipeline.runtime import EXTRACT_PRECISIONS, Placement, Precision, place, process_age
 
 
 def extract_features(
@@ -61,7 +62,7 @@ def extract_features(
         device, precision: ``extract.device`` and ``extract.precision`` (see :mod:`pipeline.runtime`),
             or the caller's :class:`~pipeline.runtime.Placement` as ``device``.
         decoder: ``extract.decoder`` (see :mod:`pipeline.extract.decode`).
-        compile: ``True``, ``False`` or ``"auto"`` (see :class:`~pipeline.runtime.Runner`).
+        compile: ``True``, ``False`` or ``"auto"`` (see :class:`~pipeline.extract.runner.Runner`).
         store_dir: folder of the per-image store; ``None`` keeps a temporary
             one beside ``out_path`` only for this call (no reuse).
         flush_every: rows per store shard: a killed run recomputes at most this many.
@@ -107,7 +108,8 @@ def extract_features(
             runner = _runner(backbone, dev, prec, compile, calibration, root, decoder, batch_size,
                              decode_threads, source, compiled_dir)
             mode = _compute(runner, backbone, todo, store, source, timing, failed)
-            wants_package = runner.wants_package
+            # Still undecided: too few batches to time, so it stayed eager; a package serves later runs too.
+            wants_package = runner.wants_package or runner.undecided
             packages = [str(runner.loaded_from)] if runner.mode == "packaged" else []
         index = store.index()  # now with the rows just computed
         good = [r for r in rows if r.sha256 in index]

@@ -37,7 +37,8 @@ from pipeline.extract.compute import ExtractResult, Timing, run_batches
 from pipeline.extract.store import FeatureStore, store_key, write_from_store
 from pipeline.fileio import remove_stale_temporaries
 from pipeline.raycluster import check_resources, connect, import_ray, pipeline_error_in
-from pipeline.runtime import Runner, place
+from pipeline.extract.runner import Runner
+from pipeline.runtime import place
 
 
 def _import_ray():

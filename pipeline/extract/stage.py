@@ -14,7 +14,8 @@ from pipeline.extract import local, ray_executor
 from pipeline.extract.cache import EXTRA_DIR, features_path, write_extra_index
 from pipeline.extract.compute import ExtractResult
 from pipeline.fileio import write_json
-from pipeline.runtime import process_age, use_compile_cache
+from pipeline.extract.runner import use_compile_cache
+from pipeline.runtime import process_age
 
 #: ``extract.engine`` -> its executor's entry, ``(backbone, extract, prepared, out, compiled_dir) -> ExtractResult``.
 #: An executor feeds the per-image store and writes the cache from it (:mod:`pipeline.extract.store`);
