@@ -22,7 +22,9 @@ from pipeline.runtime import EXTRACT_PRECISIONS, resolve_precision
 
 @pytest.mark.slow
 @pytest.mark.sample_data
-@pytest.mark.parametrize("folder_name", ["catsdogs", "dogbreeds10"])
+# The finer of the two samples (10 breeds); both are in the README's study (python -m pipeline.bench
+# extract's int8 figures), and cats vs dogs agreed as well (47/48 with every precision).
+@pytest.mark.parametrize("folder_name", ["dogbreeds10"])
 def test_int8_heads_agree_with_fp32(tmp_path, folder_name, request):
     import_or_skip("torchao", "int8 needs torchao: pip install .[int8]")
     from pipeline.backbones import load_backbone
