@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from helpers_dvc import sample_slice
 from torch import nn
 
 from pipeline.compiled import Packages, package_key
@@ -154,11 +155,7 @@ def test_stage_builds_its_package_in_the_background_and_the_next_run_loads_it(tm
     from pipeline.extract import stage
     from pipeline.extract.cache import open_cache
 
-    photos = tmp_path / "photos"
-    for cls in ("cat", "dog"):
-        (photos / cls).mkdir(parents=True)
-        for f in sorted((catsdogs / cls).iterdir())[:10]:
-            (photos / cls / f.name).symlink_to(f)
+    photos = sample_slice(catsdogs, tmp_path / "photos", per_class=10)
     project = tmp_path / "project"
     project.mkdir()
     prepare(source="folder", folder=photos, out_dir=project / "data" / "prepared")
