@@ -187,3 +187,27 @@ def test_stage_builds_its_package_in_the_background_and_the_next_run_loads_it(tm
     cmd = [sys.executable, "-m", "pipeline", "compile", "--params", "", *options]
     again = subprocess.run(cmd, cwd=project, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "is ready: loaded and checked" in again.stdout, again.stderr[-2000:]
+
+
+class _Unlike(nn.Module):
+    """A network whose exported graph computes something else than its eager self, as compiled
+    code that is wrong on a machine would."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = _net()
+
+    def forward(self, x):
+        out = self.net(x)
+        return -out if torch.compiler.is_compiling() else out
+
+
+def test_package_just_built_that_disagrees_is_removed_and_the_run_stays_eager(tmp_path, capsys):
+    x = _x()
+    runner = Runner(_Unlike().eval(), CPU, "fp32", compile=True, packages=Packages(tmp_path, _key()))
+    out = runner(x)
+    assert torch.equal(out, _eager(runner.eager, x))  # never the package's features
+    assert runner.mode == "eager" and not runner.wants_package  # building again would give the same
+    assert not list(tmp_path.glob("*.pt2"))
+    assert "the package just compiled disagrees with the eager network" in capsys.readouterr().out
+    assert torch.equal(runner(x), out)  # and it stays eager

@@ -90,6 +90,7 @@ class Runner:
         self.undecided = self.wants_package = False
         self.loaded_from = None  # the package file this runner loaded or built
         self._own_key = None  # the key of a package built without a cache (packages=None)
+        self._quantized = None  # int8: the quantized graph, where a package was built from it
         self.int8 = precision.name == "int8"
         if compile is False and not self.int8:
             return
@@ -172,18 +173,31 @@ class Runner:
             return self.eager(x).float()
 
     def _verify(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """Compare a loaded package with the eager network on ``x`` (int8: the float network).
+        """Compare the package's first batch with the eager network's on ``x`` (int8: the float network's).
 
-        On disagreement the package is removed and the runner goes on as if
-        there had been none.
+        A loaded package that disagrees is removed, and the runner goes on as
+        if there had been none (int8 builds a new one). One just built that
+        disagrees computes wrongly on this machine (int8 without VNNI, say):
+        it is removed too, and the runner runs uncompiled (for int8, the
+        quantized graph: slow, but int8's features).
         """
         ref = self._eager(x)
         agree, least = parity(out, ref), PARITY[self.precision.name]
         if agree >= least:
             return out
+        Path(self.loaded_from).unlink(missing_ok=True)
+        if self.prepare_seconds:  # built by this runner: building again would give the same
+            slow = "; running the quantized graph uncompiled (slow): bf16 or fp32 run faster" if self.int8 else \
+                "; running eager"
+            tqdm.write(f"{self.label}: the package just compiled disagrees with the eager network on this machine "
+                       f"(lowest cosine {agree:.4f} < {least}); removed{slow}")
+            if self.int8:
+                self.model, self.mode = self._quantized, "int8-eager"
+                return self._eager(x)
+            self.model, self.mode = self.eager, "eager"
+            return ref
         tqdm.write(f"{self.label}: the compiled package {self.loaded_from} disagrees with the eager network "
                    f"(lowest cosine {agree:.4f} < {least}); removed, it will be rebuilt")
-        Path(self.loaded_from).unlink(missing_ok=True)
         self.model, self.mode = self.eager, "eager"
         if self.int8:
             self.build_next = True
@@ -218,7 +232,9 @@ class Runner:
         if model is None:
             self.model, self.mode = (module, "int8-eager") if self.int8 else (self.eager, "eager")
             return
-        self.model, self.mode, self.loaded_from = model, "packaged", packages.path
+        self._quantized = module if self.int8 else None
+        # Checked like a loaded one: compiled code can be wrong on a machine (int8 without VNNI).
+        self.model, self.mode, self.loaded_from, self.verify_next = model, "packaged", packages.path, True
 
 def quantize_int8(module: nn.Module, calibration: list) -> nn.Module:
     """``module`` quantized to int8 (x86 VNNI) with torchao's PT2E flow, calibrated on ``calibration``.
