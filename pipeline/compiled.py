@@ -40,11 +40,13 @@ from pipeline.machine import cpu_model_and_flags
 FORMAT = 1
 
 #: The lowest per-photo cosine similarity between a package's features and the
-#: eager network's on one batch, by precision. bf16 packages fold the weights in
-#: bf16 (freezing): measured 0.9991 against bf16 eager; bf16 eager itself is
-#: 0.997 from fp32. int8 is compared with the float network (its package is
-#: what spares quantizing again): 0.965 on the samples.
-PARITY = {"fp32": 0.9999, "bf16": 0.995, "int8": 0.93}
+#: eager network's on one batch, by precision: far above what a wrong package
+#: gives (another network's weights, or int8 kernels that saturate: 0.64), below
+#: what rounding alone moves. bf16 packages fold the weights in bf16 (freezing):
+#: 0.9945 against bf16 eager on one batch of real photos, whose own distance to
+#: fp32 is 0.997. int8 is compared with the float network (its package is what
+#: spares quantizing again): 0.962 on the samples.
+PARITY = {"fp32": 0.9999, "bf16": 0.99, "int8": 0.93}
 
 #: The key fields that ``python -m pipeline compile`` and a log line name first when two keys differ.
 _NAMED = ("torch", "machine", "backbone", "weights", "weights_sha256", "precision", "calibration", "batch_size",
