@@ -87,6 +87,7 @@ def whole_process(folder, backbone: str, weights: str = "DEFAULT", precisions=("
     pipeline compile`` waits for the package that run left building in the
     background (or builds it); the second run starts with an empty feature
     store and the caches kept, as a user's next run on new photos.
+    ``compile=False`` times two eager runs, with no package step between.
     """
     folder = Path(folder).resolve()
     out: dict = {"runs": {}}
@@ -111,7 +112,7 @@ def whole_process(folder, backbone: str, weights: str = "DEFAULT", precisions=("
                               "packaged": any("(packaged)" in line for line in log)}
                 out["images"] = stats["images"]
                 (project / "cache" / "store").rename(project / "cache" / f"store-{which}")  # next: an empty store
-                if which == "first":
+                if which == "first" and compile is not False:
                     # The package the first run built, or left building in the background, or none yet.
                     run["package_s"], stdout, _ = timed_run([sys.executable, "-m", "pipeline", "compile"], project,
                                                             env)
@@ -134,7 +135,7 @@ def report(r: dict, backbone: str) -> str:
                          f"{x['first_batch_s']} s, network phase {x['ips']} img/s"
                          f"{' (packaged)' if x['packaged'] else ''}{ratio}")
             lines += [f"    {line}" for line in x["log"] if "compile" in line or " images in " in line]
-            if which == "first":
+            if which == "first" and "package_s" in run:
                 lines.append(f"  python -m pipeline compile after it: {run['package_s']:.1f} s "
                              f"({' '.join(run['package_log'])})")
     if "lesson_s" in r:
