@@ -119,28 +119,24 @@ class Packages:
         except Exception as e:  # noqa: BLE001 - a torn or foreign file: any failure means rebuild
             if not quiet:
                 tqdm.write(f"{self.label}: ignoring the unreadable compiled package {self.path} "
-                    f"({str(e).splitlines()[0][:120]}); it will be rebuilt")
+                           f"({str(e).splitlines()[0][:120]}); it will be rebuilt")
             return None
         if found != self.key:
             if not quiet:
-                tqdm.write(f"{self.label}: the compiled package {self.path} was built for {_difference(found, self.key)}; "
-                    "it will be rebuilt")
+                tqdm.write(f"{self.label}: the compiled package {self.path} was built for "
+                           f"{_difference(found, self.key)}; it will be rebuilt")
             return None
         return model
 
-    def build(self, module: nn.Module, example: torch.Tensor, precision: str, wait: bool = True):
+    def build(self, module: nn.Module, example: torch.Tensor, precision: str):
         """Export and compile ``module`` for inputs shaped as ``example``, write the package, load it.
 
-        Under the folder's lock for this key: a process that finds the package
-        written meanwhile loads it instead. ``wait=False`` returns ``None`` at
-        once when another process holds the lock.
+        Under the folder's lock for this key: a process that waited for it
+        while another built the package loads that one instead.
 
         ``module`` is the float network, or for int8 the quantized graph.
         """
-        self.folder.mkdir(parents=True, exist_ok=True)
-        with self._lock(wait) as locked:
-            if not locked:
-                return None
+        with self._lock(wait=True):
             model = self.load(quiet=True)
             if model is not None:
                 return model

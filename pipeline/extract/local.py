@@ -145,9 +145,9 @@ def extract_features(
 
 
 def _runner(backbone: Backbone, dev, prec: Precision, compile, calibration: list[Row], root: Path, decoder: str,
-            batch_size: int, decode_threads: int, source, compiled_dir=None) -> Runner:
+            batch_size: int, decode_threads: int, source=None, compiled_dir=None) -> Runner:
     """The network's runner, with its package cache in ``compiled_dir``; for int8, calibrated on
-    ``calibration`` (decoded only if the package must be built). ``source`` is closed on failure."""
+    ``calibration`` (decoded only if the package must be built). ``source``, if any, is closed on failure."""
     try:
         calib = calibration and (lambda: _calibration(backbone, dev, calibration, root, decoder, batch_size,
                                                       decode_threads))
@@ -155,7 +155,8 @@ def _runner(backbone: Backbone, dev, prec: Precision, compile, calibration: list
                                  if calibration else "") if compiled_dir is not None else None)
         return Runner(backbone.features, dev, prec, compile, calibration=calib, packages=packages)
     except BaseException:
-        source.close()
+        if source is not None:
+            source.close()
         raise
 
 
@@ -245,7 +246,7 @@ def build_package(backbone, extract, compiled_dir: str | Path, prepared_dir: str
     calibration = calibration_rows(prepared.rows) if prec.name == "int8" else []
     root = prepared.root if prepared else Path(".")
     runner = _runner(bb, dev, prec, True, calibration, root, decoder, e.batch_size, e.decode_threads,
-                     source=_Nothing(), compiled_dir=compiled_dir)
+                     compiled_dir=compiled_dir)
     # The export needs only the shape; a package found is checked on this batch, so real photos
     # where there are some (int8's features are checked against the float network's, which noise
     # would not resemble).
@@ -264,23 +265,12 @@ def build_package(backbone, extract, compiled_dir: str | Path, prepared_dir: str
 
 
 def _example_batch(bb: Backbone, prepared, decoder: str, batch_size: int, dev) -> torch.Tensor:
-    """The first photos of the manifest as one normalised batch; noise without a manifest."""
+    """One normalised batch of the manifest's photos (the first calibration photos); noise without a manifest."""
     spec = bb.transform_spec
     if prepared is not None:
-        source = decode.batches(decoder, prepared.root, calibration_rows(prepared.rows, batch_size), spec,
-                                batch_size, 1, dev)
-        try:
-            batches = calibration_batches(source, spec, dev, batch_size)
-        finally:
-            source.close()
+        rows = calibration_rows(prepared.rows, batch_size)
+        batches = _calibration(bb, dev, rows, prepared.root, decoder, batch_size, decode_threads=1)
         if batches:
             return batches[0]
     x = torch.randn(batch_size, 3, spec.crop, spec.crop, device=dev)
     return x.contiguous(memory_format=torch.channels_last)
-
-
-class _Nothing:
-    """A decoded-batch source with nothing in it (:func:`build_package` calls the runner itself)."""
-
-    def close(self) -> None:
-        pass

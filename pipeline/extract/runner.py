@@ -31,6 +31,7 @@ from pipeline.runtime import Precision
 COMPILE_SAVES = 0.3
 COMPILE_COST_S = {"cold": 40.0, "warm": 15.0}
 
+
 def use_compile_cache(folder: str | os.PathLike) -> Path:
     """Keep torch.compile's artifacts (Inductor's FX graph and autotuning caches) in ``folder``.
 
@@ -89,7 +90,7 @@ class Runner:
         self.build_next = self.verify_next = False
         self.undecided = self.wants_package = False
         self.loaded_from = None  # the package file this runner loaded or built
-        self._own_key = None  # the key of a package built without a cache (packages=None)
+        self._package_shape = None  # (batch, channels, height, width) of the package's inputs
         self._quantized = None  # int8: the quantized graph, where a package was built from it
         self.int8 = precision.name == "int8"
         if compile is False and not self.int8:
@@ -108,6 +109,8 @@ class Runner:
             return False
         self.model, self.mode, self.verify_next = model, "packaged", True
         self.loaded_from = self.packages.path
+        key = self.packages.key
+        self._package_shape = (key["batch_size"], *key["input_shape"])
         tqdm.write(f"{self.label}: loaded the compiled package {self.packages.path}")
         return True
 
@@ -147,7 +150,7 @@ class Runner:
             self._build(x)
         if self.mode != "packaged":
             return self._eager(x)
-        n, shape = x.shape[0], self._shape
+        n, shape = x.shape[0], self._package_shape
         if tuple(x.shape[1:]) != shape[1:] or n > shape[0]:
             return self._eager(x)
         if n < shape[0]:  # a package has one batch size: a short batch is padded
@@ -158,11 +161,6 @@ class Runner:
             self.verify_next = False
             out = self._verify(x, out)
         return out[:n].float()
-
-    @property
-    def _shape(self) -> tuple:
-        key = self.packages.key if self.packages is not None else self._own_key
-        return (key["batch_size"], *key["input_shape"])
 
     def _eager(self, x: torch.Tensor) -> torch.Tensor:
         """The network uncompiled (for int8 where no package could be built: the quantized graph, slow)."""
@@ -215,9 +213,8 @@ class Runner:
         packages, own = self.packages, None
         if packages is None:  # no cache: a package for this runner only
             own = tempfile.mkdtemp(prefix="package-")
-            self._own_key = package_key({"backbone": "runner"}, self.precision.name, x.shape[0], x.shape[1:],
-                                        self.device)
-            packages = Packages(own, self._own_key, self.label)
+            key = package_key({"backbone": "runner"}, self.precision.name, x.shape[0], x.shape[1:], self.device)
+            packages = Packages(own, key, self.label)
         try:
             model = packages.build(module, x.contiguous(memory_format=torch.channels_last), self.precision.name)
         except Exception as e:  # noqa: BLE001 - any failure to export or compile: run eager, say why
@@ -235,6 +232,8 @@ class Runner:
         self._quantized = module if self.int8 else None
         # Checked like a loaded one: compiled code can be wrong on a machine (int8 without VNNI).
         self.model, self.mode, self.loaded_from, self.verify_next = model, "packaged", packages.path, True
+        self._package_shape = tuple(x.shape)
+
 
 def quantize_int8(module: nn.Module, calibration: list) -> nn.Module:
     """``module`` quantized to int8 (x86 VNNI) with torchao's PT2E flow, calibrated on ``calibration``.
