@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from pipeline.fileio import atomic_path, file_stem, remove_stale_temporaries
+from pipeline.fileio import atomic_path, file_lock, file_stem, remove_stale_temporaries
 from pipeline.machine import cpu_model_and_flags
 
 #: Bumped when what a package holds, or how it is built, changes: older files are then rebuilt.
@@ -157,25 +157,8 @@ class Packages:
             self.built = True
         return self.load()
 
-    @contextlib.contextmanager
     def _lock(self, wait: bool):
-        """An exclusive lock on this key's lock file (POSIX); elsewhere, no lock (the rename still keeps files whole)."""
-        try:
-            import fcntl
-        except ImportError:
-            yield True
-            return
-        self.folder.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_suffix(".lock"), "a") as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-            except BlockingIOError:
-                yield False
-                return
-            try:
-                yield True
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        return file_lock(self.path.with_suffix(".lock"), wait)
 
     def building_elsewhere(self) -> bool:
         """True while another process holds this key's lock (builds its package)."""

@@ -76,6 +76,33 @@ def atomic_path(path: str | os.PathLike, suffix: str = "", durable: bool = False
         raise
 
 
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike, wait: bool = True):
+    """Hold an exclusive lock on the file ``path`` (made if missing); yields whether it was taken.
+
+    ``wait`` False: yield False at once when another process holds it. POSIX
+    only; elsewhere no lock is taken (yields True), and the atomic rename of
+    :func:`atomic_path` still keeps every file whole.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield True
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

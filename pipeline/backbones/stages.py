@@ -62,11 +62,29 @@ def last_stage_modules(backbone_name: str, features_module: nn.Module) -> list[n
     Raises:
         PipelineError: for a name outside the registry or an architecture without a rule.
     """
-    path = _last_stage_path(backbone_name, features_module)
-    return _from(features_module, path)
+    return _from(features_module, last_stage_path(backbone_name, features_module))
 
 
-def _last_stage_path(name: str, model: nn.Module) -> tuple[Step, ...]:
+def last_stage_path(name: str, model: nn.Module) -> tuple[str, ...]:
+    """The names leading from ``model`` (:attr:`Backbone.features`) to the module its last stage starts at.
+
+    Raises:
+        PipelineError: as :func:`last_stage_modules`.
+    """
+    return _names(model, _rule_path(name, model))
+
+
+def _names(model: nn.Module, path: tuple[Step, ...]) -> tuple[str, ...]:
+    names, node = [], model
+    for step in path:
+        children = list(node.named_children())
+        i = step if isinstance(step, int) else [n for n, _ in children].index(str(step))
+        name, node = children[i % len(children)]
+        names.append(name)
+    return tuple(names)
+
+
+def _rule_path(name: str, model: nn.Module) -> tuple[Step, ...]:
     if name not in REGISTRY:
         raise PipelineError(
             f"finetune.unfreeze: last has no rule for backbone '{name}' (not a registry name); use none or all"

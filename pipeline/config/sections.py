@@ -273,6 +273,9 @@ class FinetuneConfig(Section):
     beat_head_by: int = 2
     method: str = "full"  # METHODS: what trains inside the open part (pipeline.finetune.methods)
     lora_rank: int = 8  # method lora: the adapters' rank (alpha = rank)
+    # Augmented views per training photo whose activations below the part that trains are computed once
+    # and trained on for every epoch (pipeline.finetune.cached); 0 = off: every epoch decodes the photos.
+    cached_views: int = 0
     # Where it trains, never what it learns (the global batch and schedule are the same
     # on any number of workers): in-process, or Ray Train; torchrun is seen from its environment.
     engine: str = runtime("local")
@@ -286,6 +289,11 @@ class FinetuneConfig(Section):
         _choice(w, "method", self.method, METHODS)
         _int(w, "lora_rank", self.lora_rank, lo=1)
         _int(w, "beat_head_by", self.beat_head_by, lo=1)
+        _int(w, "cached_views", self.cached_views)
+        if self.cached_views and self.unfreeze not in ("none", "last"):
+            raise PipelineError(f"finetune.cached_views needs finetune.unfreeze none or last, found "
+                                f"'{self.unfreeze}': all and progressive train the layers whose outputs would be "
+                                "cached; set cached_views: 0")
         if self.method != "full" and self.unfreeze == "none":
             raise PipelineError(f"finetune.method {self.method} adapts the backbone's open part, and "
                                 "finetune.unfreeze: none opens none; set unfreeze: last or all, or method: full")

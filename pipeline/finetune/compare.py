@@ -29,6 +29,7 @@ from pipeline.config import load_config, read_yaml
 from pipeline.data.manifest import read_prepared, stratified_holdout
 from pipeline.metrics import head_metrics
 from pipeline.extract.cache import features_path, open_cache
+from pipeline.finetune.cached import cached_views
 from pipeline.finetune.data import loader, split_validation
 from pipeline.finetune.network import build_network
 from pipeline.finetune.train import fit, predict_logits
@@ -84,8 +85,13 @@ def run_split(project: Path, seed: int, variants: list[tuple[str, dict]], test_f
         fresh = load_backbone(cfg.backbone.name, cfg.backbone.weights, cfg.backbone.input_size)
         net = build_network(fresh.features, head)
         t0 = time.perf_counter()
+        # The views' file is built inside the timed run, as the stage's first run builds it.
+        views = cached_views(net, backbone=fresh, root=prepared.root, train_rows=tr, val_rows=va, cfg=ft,
+                             placement=where, cache_dir=project / "data/cache/finetune",
+                             log=lambda s: None) if ft.cached_views else None
+        t_views = time.perf_counter() - t0
         res = fit(net, backbone=bb.name, root=prepared.root, train_rows=tr, val_rows=va,
-                  transform_spec=bb.transform_spec, cfg=ft, log=lambda s: None, placement=where)
+                  transform_spec=bb.transform_spec, cfg=ft, log=lambda s: None, placement=where, views=views)
         net, kept = keep_or_refit(net, res.best_epoch, fs, train, C=ft.head_C, seed=ft.seed, source="cache")
         seconds = time.perf_counter() - t0
         dev = where.device
@@ -99,13 +105,16 @@ def run_split(project: Path, seed: int, variants: list[tuple[str, dict]], test_f
         m = head_metrics(y, probs.argmax(1), probs, n_classes)
         m.update(accuracy_plain=float((scored[False].argmax(1) == y).mean()),
                  accuracy_flip=float((scored[True].argmax(1) == y).mean()),
-                 seconds=round(seconds, 1), best_epoch=res.best_epoch, epochs_run=res.epochs_run, kept=kept,
+                 seconds=round(seconds, 1), views_seconds=round(t_views, 1),
+                 train_images_per_second=res.train_images_per_second,
+                 best_epoch=res.best_epoch, epochs_run=res.epochs_run, kept=kept,
                  val_start=res.history[0].get("val/accuracy") if res.history else None,
                  best_val=res.best_val_accuracy)
         out[name] = m
         print(f"seed {seed} {name}: test {m['accuracy']:.4f}, flipped {m['accuracy_flip']:.4f} "
               f"(logreg {out['logreg']['accuracy']:.4f}), validation {m['val_start']} -> {m['best_val']}, "
-              f"epoch {res.best_epoch}/{res.epochs_run}, {m['seconds']:.0f} s", flush=True)
+              f"epoch {res.best_epoch}/{res.epochs_run}, {m['seconds']:.0f} s ({t_views:.0f} s caching views), "
+              f"training {res.train_images_per_second} img/s", flush=True)
     return out
 
 
@@ -117,11 +126,14 @@ def summarise(runs: dict) -> dict:
         acc = np.array([r[name]["accuracy"] for r in runs.values()])
         gain = acc - np.array([r["logreg"]["accuracy"] for r in runs.values()])
         secs = [r[name].get("seconds", 0.0) for r in runs.values()]
+        rates = [r[name]["train_images_per_second"] for r in runs.values() if r[name].get("train_images_per_second")]
         flip = np.array([r[name].get("accuracy_flip", np.nan) for r in runs.values()])
         out[name] = {"accuracy_mean": round(float(acc.mean()), 4), "accuracy_std": round(float(acc.std()), 4),
                      "gain_mean": round(float(gain.mean()), 4), "gain_std": round(float(gain.std()), 4),
                      "flip_accuracy_mean": round(float(flip.mean()), 4), "flip_accuracy_std": round(float(flip.std()), 4),
-                     "seconds_mean": round(float(np.mean(secs)), 1), "splits": len(acc)}
+                     "seconds_mean": round(float(np.mean(secs)), 1), "splits": len(acc),
+                     "train_images_per_second_mean": round(float(np.mean(rates)), 1) if rates else None,
+                     "epochs_kept": [r[name].get("best_epoch") for r in runs.values()]}
     return out
 
 
@@ -138,7 +150,8 @@ def main(argv=None) -> None:
     summary = summarise(runs)
     for name, s in summary.items():
         print(f"{name}: accuracy {s['accuracy_mean']:.4f} ± {s['accuracy_std']:.4f}, gain over logreg "
-              f"{s['gain_mean']:+.4f} ± {s['gain_std']:.4f}, {s['seconds_mean']:.0f} s, {s['splits']} splits")
+              f"{s['gain_mean']:+.4f} ± {s['gain_std']:.4f}, {s['seconds_mean']:.0f} s, training "
+              f"{s['train_images_per_second_mean']} img/s, epochs kept {s['epochs_kept']}, {s['splits']} splits")
     if args.out:
         args.out.write_text(json.dumps({"runs": runs, "summary": summary}, indent=1))
 

@@ -79,16 +79,18 @@ class GlobalBatches(torch.utils.data.Sampler):
             yield [(i, mix_seed(self.seed, self.epoch, i)) for i in batch[self.rank::self.world_size]]
 
 
-def train_loader(root, rows: Sequence[Row], transform: Callable, sampler: GlobalBatches, workers: int = 0,
+def train_loader(dataset: torch.utils.data.Dataset, sampler: GlobalBatches, workers: int = 0,
                  pin_memory: bool = False) -> torch.utils.data.DataLoader:
-    """The training batches ``(x, y, bad)`` of one epoch (from its sampler's start), decoded in ``workers`` processes."""
-    return torch.utils.data.DataLoader(
-        RowImages(root, rows, transform), batch_sampler=sampler, num_workers=workers,
-        collate_fn=_collate, pin_memory=pin_memory,
-    )
+    """The training batches ``(x, y, bad)`` of one epoch (from its sampler's start), read in ``workers`` processes.
+
+    ``dataset``: :class:`RowImages` (photos), or cached activations (:mod:`pipeline.finetune.cached`).
+    """
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate,
+                                       pin_memory=pin_memory)
 
 
-def _collate(items):
+def collate(items):
+    """``(tensor | None, label, path, reason)`` items -> a batch ``(x, y, bad)``."""
     # A failed image travels to the main process as data: an exception raised in
     # a loader worker arrives wrapped in a multi-line traceback.
     bad = [(path, why) for x, _, path, why in items if x is None]
@@ -102,14 +104,14 @@ def _collate(items):
 def loader(root, rows: Sequence[Row], transform: Callable, batch_size: int, workers: int = 0,
            pin_memory: bool = False) -> torch.utils.data.DataLoader:
     """Batches ``(x, y, bad)`` in the rows' order: ``bad`` lists ``(path, reason)`` of unusable photos (then x is None)."""
-    return torch.utils.data.DataLoader(
-        RowImages(root, rows, transform),
-        batch_size=batch_size,
-        num_workers=workers,
-        persistent_workers=workers > 0,
-        collate_fn=_collate,
-        pin_memory=pin_memory,
-    )
+    return batches_of(RowImages(root, rows, transform), batch_size, workers, pin_memory)
+
+
+def batches_of(dataset: torch.utils.data.Dataset, batch_size: int, workers: int = 0,
+               pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """Batches ``(x, y, bad)`` of ``dataset``'s items in order."""
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                                       persistent_workers=workers > 0, collate_fn=collate, pin_memory=pin_memory)
 
 
 def check_batch(bad) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -29,6 +29,7 @@ from pipeline.cli import say
 from pipeline.config import FinetuneConfig
 from pipeline.data.manifest import Row
 from pipeline.errors import PipelineError
+from pipeline.finetune.cached import Views
 from pipeline.finetune.distributed import backend_for, from_ray
 from pipeline.finetune.network import FineTuneNet
 from pipeline.finetune.resume import Checkpoints
@@ -53,7 +54,8 @@ def _worker(config: dict) -> None:
     log = say if workers.main else (lambda s: None)
     result = fit(net, backbone=bb.name, root=config["root"], train_rows=config["train_rows"],
                  val_rows=config["val_rows"], transform_spec=bb.transform_spec, cfg=cfg, log=log,
-                 placement=where, workers=workers, checkpoints=Checkpoints(config["cache"], config["key"], log))
+                 placement=where, workers=workers, checkpoints=Checkpoints(config["cache"], config["key"], log),
+                 views=config["views"])
     with tempfile.TemporaryDirectory() as d:
         checkpoint = None
         if workers.main:
@@ -66,13 +68,16 @@ def _worker(config: dict) -> None:
 
 
 def train_with_ray(net: FineTuneNet, *, backbone, root, train_rows: Sequence[Row], val_rows: Sequence[Row],
-                   cfg: FinetuneConfig, placement: Placement, checkpoints: Checkpoints) -> FitResult:
+                   cfg: FinetuneConfig, placement: Placement, checkpoints: Checkpoints,
+                   views: Views | None = None) -> FitResult:
     """Fine-tune ``net`` on ``cfg.workers`` Ray Train workers; load the kept weights into it.
 
     Args:
         backbone: the :class:`~pipeline.backbones.Backbone` ``net`` was built from (workers rebuild it by name).
         checkpoints: the run's checkpoint, which the workers save and resume from; Ray Train's own
             records go in its folder too, so both go when the model is written.
+        views: the cached activations to train on (:mod:`pipeline.finetune.cached`), in the project
+            folder, which the workers share.
     """
     ray = import_ray("finetune.engine", "ray.train.torch")
     from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -95,7 +100,9 @@ def train_with_ray(net: FineTuneNet, *, backbone, root, train_rows: Sequence[Row
                                "start": {k: v.detach().cpu() for k, v in net.state_dict().items()},
                                "root": str(Path(root).resolve()), "train_rows": list(train_rows),
                                "val_rows": list(val_rows), "cache": str(checkpoints.cache.resolve()),
-                               "key": checkpoints.key},
+                               "key": checkpoints.key,
+                               "views": (replace(views, path=str(Path(views.path).resolve()))
+                                         if views is not None else None)},
             torch_config=TorchConfig(backend=backend_for(placement.device)),
             scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cuda,
                                          resources_per_worker={"CPU": r.cpus_per_worker}),

@@ -30,6 +30,7 @@ from pipeline.extract.cache import manifest_rows
 from pipeline.metrics import head_metrics
 from pipeline.extract.cache import features_path, open_cache
 from pipeline.fileio import write_csv, write_json
+from pipeline.finetune.cached import cached_views
 from pipeline.finetune.checkpoint import save_finetuned
 from pipeline.finetune.data import loader, split_validation
 from pipeline.finetune.distributed import Workers, from_torchrun, launched_by_torchrun, leave, single
@@ -121,6 +122,8 @@ def _run(cfg: Config, where: Placement, workers: Workers, t0: float, *, prepared
     log(f"finetune: warm-start head: logistic regression, C={warm_C:g} (by cross-validation over finetune.head_C), "
         f"fitted on the cached features of {len(train_rows)} train photos; {len(val_rows)} held out for validation")
     net = build_network(bb.features, head)
+    views = (cached_views(net, backbone=bb, root=prepared.root, train_rows=train_rows, val_rows=val_rows, cfg=ft,
+                          placement=where, cache_dir=cache_dir, log=log) if ft.cached_views else None)
     key = run_key(ft.learned_dict(), backbone=made_with, precision=where.precision.name, train_rows=train_rows,
                   val_rows=val_rows, start=net.state_dict())
     checkpoints = Checkpoints(cache_dir, key, log)
@@ -139,12 +142,12 @@ def _run(cfg: Config, where: Placement, workers: Workers, t0: float, *, prepared
             log(f"finetune: training on {ft.workers} Ray Train workers "
                 f"({ft.ray.address or 'a local Ray instance'})")
             result = train_with_ray(net, backbone=bb, root=prepared.root, train_rows=train_rows, val_rows=val_rows,
-                                    cfg=ft, placement=where, checkpoints=checkpoints)
+                                    cfg=ft, placement=where, checkpoints=checkpoints, views=views)
             replay(result.history, on_epoch)  # the workers' epochs, logged here, where the files are written
         else:
             result = fit(net, backbone=bb.name, root=prepared.root, train_rows=train_rows, val_rows=val_rows,
                          transform_spec=bb.transform_spec, cfg=ft, on_epoch=on_epoch if workers.main else None,
-                         log=log, placement=where, workers=workers, checkpoints=checkpoints)
+                         log=log, placement=where, workers=workers, checkpoints=checkpoints, views=views)
         if not workers.main:
             return result
         live.summary.update(

@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -34,7 +35,10 @@ from torch import nn
 from pipeline.config import FinetuneConfig
 from pipeline.data.manifest import Row
 from pipeline.data.transform import TransformSpec
-from pipeline.finetune.data import GlobalBatches, check_batch, decode_workers, loader, mix_seed, train_loader
+from pipeline.finetune.cached import Split, Views
+from pipeline.finetune.data import (
+    GlobalBatches, RowImages, batches_of, check_batch, decode_workers, loader, mix_seed, train_loader,
+)
 from pipeline.finetune.distributed import Workers, single
 from pipeline.finetune import methods
 from pipeline.finetune.network import FineTuneNet, open_modules, open_part, set_train_mode, unfreeze_modules
@@ -221,6 +225,7 @@ def fit(
     placement: Placement | None = None,
     workers: Workers | None = None,
     checkpoints: Checkpoints | None = None,
+    views: Views | None = None,
 ) -> FitResult:
     """Fine-tune ``net`` in place and leave it holding the best epoch's weights.
 
@@ -242,6 +247,9 @@ def fit(
         workers: this process's place among the workers; default: alone, on the placement's device.
         checkpoints: where to save the run's state and resume it from
             (:mod:`pipeline.finetune.resume`); None: no checkpoints.
+        views: cached activations (:mod:`pipeline.finetune.cached`) to train on
+            instead of decoding photos, and to validate on unless ``tta_flip``
+            (which needs the mirrored photos); None: photos.
 
     Returns:
         which epoch was kept, why training stopped, and per-epoch metrics.
@@ -264,6 +272,9 @@ def fit(
         return groups
 
     groups = unfreeze(1)
+    # With views, the frozen layers below the cut pass their input through: the input is what they computed.
+    top = Split(net, views.cut).skipping_lower if views is not None else nullcontext
+    cached_val = views is not None and not cfg.tta_flip
     net.to(dev)
     n_trainable = sum(q.numel() for q in net.parameters() if q.requires_grad)
     bs, decoders = cfg.batch_size, decode_workers(cfg.decode_workers, dev)
@@ -271,7 +282,9 @@ def fit(
     train_transform = transform_spec.augment(aug.crop_scale, aug.policy, aug.erasing)
     mix = batch_mixer(aug.mixup, aug.cutmix, n_classes=net.head.out_features)
     mine = list(val_rows)[ctx.rank::ctx.world_size]  # this worker's share of the validation photos
-    val_loader = loader(root, mine, transform_spec.build(), bs, decoders, pin_memory=dev.type == "cuda")
+    val_loader = (batches_of(torch.utils.data.Subset(views.val(), range(ctx.rank, len(val_rows), ctx.world_size)), bs)
+                  if cached_val else
+                  loader(root, mine, transform_spec.build(), bs, decoders, pin_memory=dev.type == "cuda"))
     n_batches = math.ceil(len(train_rows) / bs)
     total_steps = max(1, cfg.epochs * n_batches)
     opt = _optimizer(groups, cfg)
@@ -290,12 +303,15 @@ def fit(
             f"{len(train_rows)} train / {len(val_rows)} validation images, batch {bs}"
             + (f" across {ctx.world_size} workers ({ctx.engine})" if ctx.distributed else "")
             + f", up to {cfg.epochs} epochs or {cfg.max_minutes:g} min, on {where.describe()}"
+            + (f"; over the cached activations entering {'.'.join(views.cut)} ({views.k} view"
+               f"{'s' if views.k > 1 else ''} per photo)" if views is not None else "")
         )
 
     def validate() -> dict:
         if not val_rows:
             return {}
-        logits, y = predict_logits(net, val_loader, dev, precision, cfg.tta_flip)
+        with top() if cached_val else nullcontext():
+            logits, y = predict_logits(net, val_loader, dev, precision, cfg.tta_flip)
         parts = [p for p in ctx.gather((logits, y)) if len(p[1])]
         logits, y = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
         return {
@@ -345,43 +361,47 @@ def fit(
         set_train_mode(net, open_modules(groups, cfg.unfreeze, epoch))
         first = run.step
         sampler = GlobalBatches(len(train_rows), bs, cfg.seed, epoch, ctx.rank, ctx.world_size, start=first)
-        batches = train_loader(root, train_rows, train_transform, sampler, decoders, pin_memory=dev.type == "cuda")
+        data = views.train(epoch) if views is not None else RowImages(root, train_rows, train_transform)
+        batches = train_loader(data, sampler, decoders if views is None else 0, pin_memory=dev.type == "cuda")
+        shape = views.shape if views is not None else (3, transform_spec.crop, transform_spec.crop)
         t_epoch = time.perf_counter()
         timed_out = False
-        for i, (x, y, bad) in enumerate(batches, start=first + 1):
-            check_batch(bad)
-            torch.manual_seed(mix_seed(cfg.seed, epoch, i, ctx.rank))  # MixUp, stochastic depth: by step
-            n_global = min(bs, len(train_rows) - (i - 1) * bs)
-            if x is None:  # an empty share: a forward pass of no photos keeps DDP's collectives in step
-                x = torch.zeros(0, 3, transform_spec.crop, transform_spec.crop)
-            x, y = _to_device(x, dev), y.to(dev, non_blocking=True)
-            # channels_last inputs for training on the CPU too: 1.6x the images/s of a bf16 step of
-            # efficientnet_lite0 on AVX-512 (python -m pipeline.bench train_speed). Scoring keeps the
-            # extraction's layout, so epoch 0 still predicts exactly what the cached features' head does.
-            x = x.contiguous(memory_format=torch.channels_last)
-            if mix is not None and len(y):  # soft targets: each row a mixture of two photos' classes
-                x, y = mix(x, y)
-            with precision.autocast(dev):
-                out = model(x)
-                batch_loss = criterion(out.float(), y)
-            opt.zero_grad(set_to_none=True)
-            (batch_loss * (ctx.world_size / n_global)).backward()
-            opt.step()
-            sched.step()
-            if ema is not None:
-                ema.update()
-            correct = int((out.argmax(1) == (y.argmax(1) if y.ndim == 2 else y)).sum())
-            seen, correct, loss_sum, late = ctx.sum(
-                [len(y), correct, float(batch_loss.detach()), float(time.perf_counter() > deadline)])
-            run.count(seen, correct, loss_sum)
-            run.step = i
-            timed_out = late > 0
-            if epoch == 1 and ctx.main and first == 0 and (i == min(3, n_batches) or (timed_out and i < 3)):
-                _estimate(log, time.perf_counter() - t_epoch, i, n_batches, len(val_rows), cfg)
-            if timed_out:
-                break
-            if cfg.checkpoint_every and i % cfg.checkpoint_every == 0 and i < n_batches:
-                save()
+        with top():
+            for i, (x, y, bad) in enumerate(batches, start=first + 1):
+                check_batch(bad)
+                torch.manual_seed(mix_seed(cfg.seed, epoch, i, ctx.rank))  # MixUp, stochastic depth: by step
+                n_global = min(bs, len(train_rows) - (i - 1) * bs)
+                if x is None:  # an empty share: a forward pass of no photos keeps DDP's collectives in step
+                    x = torch.zeros(0, *shape)
+                x, y = _to_device(x, dev), y.to(dev, non_blocking=True)
+                # channels_last inputs for training on the CPU too: 1.6x the images/s of a bf16 step of
+                # efficientnet_lite0 on AVX-512 (python -m pipeline.bench train_speed). Scoring keeps the
+                # extraction's layout, so epoch 0 still predicts exactly what the cached features' head does.
+                if x.ndim == 4:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                if mix is not None and len(y):  # soft targets: each row a mixture of two photos' classes
+                    x, y = mix(x, y)
+                with precision.autocast(dev):
+                    out = model(x)
+                    batch_loss = criterion(out.float(), y)
+                opt.zero_grad(set_to_none=True)
+                (batch_loss * (ctx.world_size / n_global)).backward()
+                opt.step()
+                sched.step()
+                if ema is not None:
+                    ema.update()
+                correct = int((out.argmax(1) == (y.argmax(1) if y.ndim == 2 else y)).sum())
+                seen, correct, loss_sum, late = ctx.sum(
+                    [len(y), correct, float(batch_loss.detach()), float(time.perf_counter() > deadline)])
+                run.count(seen, correct, loss_sum)
+                run.step = i
+                timed_out = late > 0
+                if epoch == 1 and ctx.main and first == 0 and (i == min(3, n_batches) or (timed_out and i < 3)):
+                    _estimate(log, time.perf_counter() - t_epoch, i, n_batches, len(val_rows), cfg)
+                if timed_out:
+                    break
+                if cfg.checkpoint_every and i % cfg.checkpoint_every == 0 and i < n_batches:
+                    save()
         train_seconds = time.perf_counter() - t_epoch
         run.images_trained += run.seen - run.seen_before_resume
         run.seconds_training += train_seconds
