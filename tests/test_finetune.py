@@ -220,6 +220,35 @@ def test_ema_keeps_the_averaged_weights(tiny):
     assert (net.head.weight - start).abs().max() > 1e-3  # without it, the steps show
 
 
+def test_the_average_of_the_weights_is_a_candidate_beside_the_trained_ones(tiny):
+    """With a validation slice, each epoch's EMA is validated too, and kept only when it scores better."""
+    bb, _, folder, rows = tiny
+    tr, va = split_validation(rows, 0.34, 0)
+    torch.manual_seed(3)  # a start from which epoch 1's average scores 3 of 4, every trained epoch 2 of 4
+    net = FineTuneNet(load_backbone("resnet18", "none").features, nn.Linear(bb.feature_dim, 2))
+    said = []
+    res = _fit(net, folder, tr, va, log=said.append, unfreeze="none", lr_head=3e-3, epochs=4, patience=4,
+               val_fraction=0.34, seed=3, beat_head_by=1, ema=0.7)
+    assert [h["val/accuracy"] for h in res.history] == [0.5] * 5, res.history
+    assert [h.get("val_ema/accuracy") for h in res.history] == [None, 0.75, 0.5, 0.5, 0.5], res.history
+    assert (res.best_epoch, res.kept_weights) == (1, "ema")
+    assert any(line.startswith("finetune: epoch 1: ") and line.endswith("* (EMA)") for line in said), said
+    # The network holds the average that scored 3 of 4, which no trained epoch's weights did.
+    logits, y = predict_logits(net, loader(folder, va, SMALL.build(), 4), torch.device("cpu"))
+    assert (logits.argmax(1) == y).mean() == 0.75
+    # One epoch counts once toward patience: an epoch whose average wins is an improvement.
+    from pipeline.finetune.train import _Best
+
+    best = _Best(4, 1)
+    best.offer(0, {"val/accuracy": 0.5, "val/loss": 1.0}, nn.Linear(1, 1))
+    assert not best.offer(1, {"val/accuracy": 0.5, "val/loss": 0.9}, nn.Linear(1, 1))
+    assert best.offer(1, {"val/accuracy": 0.75, "val/loss": 0.9}, nn.Linear(1, 1), weights="ema", count=False)
+    assert (best.epoch, best.weights, best.since) == (1, "ema", 0)
+    best.offer(2, {"val/accuracy": 0.5, "val/loss": 0.9}, nn.Linear(1, 1))
+    best.offer(2, {"val/accuracy": 0.5, "val/loss": 0.9}, nn.Linear(1, 1), weights="ema", count=False)
+    assert best.since == 1
+
+
 def test_flip_tta_scores_a_photo_and_its_mirror_image_alike(tiny):
     _, net, _, _ = tiny
     x = torch.rand(3, 3, 64, 64)

@@ -29,6 +29,7 @@ COMMANDS = {
     "quality": "the quality stage's checks on 5k/10k/25k synthetic feature rows: seconds, peak memory",
     "train_speed": "fine-tuning's training images/s against the model-only ceiling (bf16/fp32, channels_last)",
     "workers": "the finetune stage on 1 and 2 workers (torchrun, Ray Train), and killed then resumed",
+    "views": "the finetune stage over photos and over cached views (finetune.cached_views), whole processes",
 }
 
 

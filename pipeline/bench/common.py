@@ -1,5 +1,6 @@
 """What the benchmarks share: photo folders as rows, scratch copies of them, whole-process timing,
-the machine line, and the ``--folder/--backbone/--weights`` options.
+the machine line, the ``--folder/--backbone/--weights`` options, and scratch projects whose stages
+run as subprocesses (their environment, params edits, the finetune stage's results).
 
 Nothing here imports torch at module level, so ``python -m pipeline.bench repro`` stays light.
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import subprocess
 import time
@@ -88,3 +90,44 @@ def describe_cpu() -> str:
     import numpy as np
 
     return f"{describe_cpu_line()}, numpy {np.__version__}"
+
+
+def stage_env() -> dict:
+    """The environment of a stage run as a subprocess of a scratch project: this checkout's code, unbuffered."""
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+                PYTHONUNBUFFERED="1")
+
+
+def scratch_project(work: Path, **sections) -> dict:
+    """An emptied ``work`` with this checkout's params.yaml, ``sections`` (section -> changes) applied."""
+    import shutil
+
+    import yaml
+
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for section, changes in sections.items():
+        params[section].update(changes)
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return params
+
+
+def set_finetune(work: Path, **finetune) -> None:
+    """Change keys of the scratch project's ``finetune`` section."""
+    import yaml
+
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    params["finetune"].update(finetune)
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def finetune_result(work: Path) -> dict:
+    """The finetune stage's results in ``work``: its weights, per-epoch metrics (DVCLive) and metrics file."""
+    from safetensors.torch import load_file
+
+    doc = json.loads((work / "reports/finetune_metrics.json").read_text())
+    epochs = {f"{f.parent.name}/{f.stem}": [float(x.split("\t")[1]) for x in f.read_text().splitlines()[1:]]
+              for f in (work / "dvclive/plots/metrics").rglob("*.tsv") if "per_second" not in f.stem}
+    return {"weights": load_file(str(work / "models/finetune/model.safetensors")), "epochs": epochs, **doc}

@@ -24,9 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
-from pipeline.bench.common import ROOT, describe_cpu, timed_run
+from pipeline.bench.common import describe_cpu, finetune_result, scratch_project, set_finetune, stage_env, timed_run
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
@@ -36,26 +34,6 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench-workers"), help="scratch folder (emptied)")
     ap.add_argument("--seed", type=int, default=0, help="of the kill's moment")
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
-
-
-def _env() -> dict:
-    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-                PYTHONUNBUFFERED="1")
-
-
-def _params(work: Path, **finetune) -> None:
-    params = yaml.safe_load((work / "params.yaml").read_text())
-    params["finetune"].update(finetune)
-    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-
-
-def _result(work: Path) -> dict:
-    from safetensors.torch import load_file
-
-    doc = json.loads((work / "reports/finetune_metrics.json").read_text())
-    epochs = {f"{f.parent.name}/{f.stem}": [float(x.split("\t")[1]) for x in f.read_text().splitlines()[1:]]
-              for f in (work / "dvclive/plots/metrics").rglob("*.tsv") if "per_second" not in f.stem}
-    return {"weights": load_file(str(work / "models/finetune/model.safetensors")), "epochs": epochs, **doc}
 
 
 def _compare(run: dict, base: dict) -> dict:
@@ -68,7 +46,7 @@ def _compare(run: dict, base: dict) -> dict:
 def _kill_after_checkpoints(work: Path, n: int, delay: float) -> float:
     """Start the stage, SIGKILL it ``delay`` s after its ``n``-th checkpoint; its wall seconds."""
     t = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "stages.finetune"], cwd=work, env=_env(),
+    proc = subprocess.Popen([sys.executable, "-m", "stages.finetune"], cwd=work, env=stage_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     seen = set()
     while proc.poll() is None and len(seen) < n:
@@ -89,20 +67,13 @@ def _kill_after_checkpoints(work: Path, n: int, delay: float) -> float:
 
 def run(args: argparse.Namespace) -> dict:
     work = args.work
-    if work.exists():
-        import shutil
-
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["data"].update(source="folder", folder=str(args.folder.resolve()), test_fraction=0.2)
-    params["backbone"].update(name=args.backbone, weights="DEFAULT")
-    params["extract"].update(device="cpu", precision="fp32")
     # No validation slice: the last epoch is kept, so the weights compared are trained ones (with
     # one, the guard may keep the head, equal in every run).
-    params["finetune"].update(device="cpu", precision="fp32", epochs=args.epochs, val_fraction=0.0)
-    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = _env()
+    params = scratch_project(work, data=dict(source="folder", folder=str(args.folder.resolve()), test_fraction=0.2),
+                             backbone=dict(name=args.backbone, weights="DEFAULT"),
+                             extract=dict(device="cpu", precision="fp32"),
+                             finetune=dict(device="cpu", precision="fp32", epochs=args.epochs, val_fraction=0.0))
+    env = stage_env()
     for stage in ("prepare", "extract"):
         timed_run([sys.executable, "-m", f"stages.{stage}"], work, env)
     print(f"# finetune on 1 and 2 workers: {args.folder}, {args.backbone}, {args.epochs} epochs, fp32, "
@@ -117,18 +88,18 @@ def run(args: argparse.Namespace) -> dict:
                                                                                           "workers": 2}),
     }
     for name, (cmd, settings) in launches.items():
-        _params(work, **{"engine": "local", "workers": 1, "checkpoint_every": 0, **settings})
+        set_finetune(work, **{"engine": "local", "workers": 1, "checkpoint_every": 0, **settings})
         seconds, _, _ = timed_run(cmd, work, env)
-        runs[name] = {"seconds": seconds, **_result(work)}
+        runs[name] = {"seconds": seconds, **finetune_result(work)}
     rng = random.Random(args.seed)
-    _params(work, engine="local", workers=1, checkpoint_every=1)
+    set_finetune(work, engine="local", workers=1, checkpoint_every=1)
     n, delay = rng.randint(2, 6), rng.uniform(0, 1)
     killed = _kill_after_checkpoints(work, n, delay)
     seconds, out, _ = timed_run([sys.executable, "-m", "stages.finetune"], work, env)
     name = f"killed after checkpoint {n} (+{delay:.2f} s), resumed"
-    runs[name] = {"seconds": killed + seconds, **_result(work),
+    runs[name] = {"seconds": killed + seconds, **finetune_result(work),
                   "resumed": next((line for line in out.splitlines() if "resuming" in line), "")}
-    _params(work, checkpoint_every=0)
+    set_finetune(work, checkpoint_every=0)
 
     base = runs["1 process (2 threads)"]
     print("| run | wall s (start to exit) | test accuracy | kept | max weight diff vs 1 process | "

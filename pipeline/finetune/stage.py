@@ -177,13 +177,14 @@ def _run(cfg: Config, where: Placement, workers: Workers, t0: float, *, prepared
         "finetune_run": {"wall_seconds": round(wall, 1), "training_seconds": round(result.seconds, 1),
                          "train_images_per_second": result.train_images_per_second,
                          "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
-                         "kept": kept, "engine": engine, "world_size": world,
+                         "kept": kept, "kept_weights": result.kept_weights, "engine": engine, "world_size": world,
                          "resumed_from": result.resumed_from},
     })
     checkpoints.clear()  # the model is written: nothing is left to resume
     shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "n_test")
     rate = f"{result.train_images_per_second:.1f}" if result.train_images_per_second else "-"
-    log(f"finetune: kept epoch {result.best_epoch} ({result.stopped}); trained at {rate} images/s on {world} "
+    weights = " (its average of the weights, finetune.ema)" if result.kept_weights == "ema" else ""
+    log(f"finetune: kept epoch {result.best_epoch}{weights} ({result.stopped}); trained at {rate} images/s on {world} "
         f"worker{'s' if world > 1 else ''} ({engine}); test on {metrics['n_test']} images: {shown}; "
         f"{wall:.0f} s in all -> {out_dir}")
     return result

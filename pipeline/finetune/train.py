@@ -4,7 +4,9 @@ Epoch 0, the warm-start head before any step, is a candidate like every other
 epoch: its head never saw the validation slice, so when no epoch scores better
 there the network keeps the head's weights and the stage says so. Optional, by
 params: an exponential moving average of the trained weights (``finetune.ema``),
-which is what is validated and kept, and horizontal-flip test-time augmentation
+validated every epoch beside the trained weights as one more candidate (kept when
+it scores better; without a validation slice it is what is kept), and
+horizontal-flip test-time augmentation
 (``finetune.tta_flip``) wherever the network is scored.
 
 One loop for one process or many (:mod:`pipeline.finetune.distributed`): the
@@ -60,6 +62,7 @@ class FitResult:
     history: list = field(default_factory=list)  # one dict per epoch
     train_images_per_second: float | None = None  # training steps only (forward, backward, update, decoding)
     resumed_from: str | None = None  # "epoch E, step S" when the run went on from a checkpoint
+    kept_weights: str = "trained"  # "ema": the kept epoch's average of the weights (finetune.ema) scored better
 
     def summary(self) -> dict:
         return {
@@ -70,6 +73,7 @@ class FitResult:
             "seconds": round(self.seconds, 1),
             "train_images_per_second": self.train_images_per_second,
             "resumed_from": self.resumed_from,
+            "kept_weights": self.kept_weights,
         }
 
 
@@ -143,7 +147,7 @@ def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]
 
 
 class _EMA:
-    """An exponential moving average of the weights, swapped in to validate and keep.
+    """An exponential moving average of the weights, swapped in to validate (and keep, when it wins).
 
     ``decay`` is per optimiser step; it starts at the warm start, so on a small
     set (a few steps per epoch) the average stays anchored near the head.
@@ -195,8 +199,14 @@ class _Best:
     def __init__(self, n_val: int = 0, margin: int = 1):
         self.key, self.epoch, self.accuracy, self.state, self.since = None, 0, None, None, 0
         self.n_val, self.margin = n_val, margin
+        self.weights = "trained"  # or "ema": which of the epoch's candidates was kept
 
-    def offer(self, epoch: int, m: dict, net: nn.Module) -> bool:
+    def offer(self, epoch: int, m: dict, net: nn.Module, weights: str = "trained", count: bool = True) -> bool:
+        """Keep ``net``'s weights if ``m`` beats the best so far; ``count``: a miss counts toward patience.
+
+        An epoch's second candidate (its EMA) is offered with ``count`` False, so
+        that an epoch counts once: as an improvement when either candidate wins.
+        """
         key = (m["val/accuracy"], -m["val/loss"]) if "val/accuracy" in m else (epoch,)
         # Ties go to the earlier epoch: fine-tuning must beat the head, not match it.
         beats = self.key is None or key > self.key
@@ -204,9 +214,10 @@ class _Best:
             gained = round((m["val/accuracy"] - self.accuracy) * self.n_val) if self.n_val else 1
             beats = m["val/accuracy"] > self.accuracy and gained >= self.margin
         if not beats:
-            self.since += 1
+            self.since += count
             return False
         self.key, self.epoch, self.accuracy, self.since = key, epoch, m.get("val/accuracy"), 0
+        self.weights = weights
         self.state = {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
         return True
 
@@ -407,20 +418,25 @@ def fit(
         run.seconds_training += train_seconds
         m = {"train/loss": run.loss_sum / max(1, run.seen), "train/accuracy": run.correct / max(1, run.seen),
              "train/images_per_second": (run.seen - run.seen_before_resume) / max(train_seconds, 1e-9)}
-        if ema is not None:
-            ema.swap()  # validate (and keep) the averaged weights; swapped back to train on
         m.update(validate())
+        # Without a validation slice there is nothing to choose by: the average, when there is one, is kept.
+        improved = best.offer(epoch, m, net) and "*" if ema is None or val_rows else ""
+        if ema is not None:
+            # The average as one more candidate, swapped in to be validated (and kept), then back to train on.
+            ema.swap()
+            averaged = validate()
+            m.update({k.replace("val/", "val_ema/"): v for k, v in averaged.items()})
+            if best.offer(epoch, averaged or m, net, weights="ema", count=not val_rows):
+                improved = "* (EMA)"
+            ema.swap()
         m["seconds"] = time.perf_counter() - t_epoch
         run.history.append({"epoch": epoch, **m})
         if on_epoch and ctx.main:
             on_epoch(epoch, m)
-        improved = best.offer(epoch, m, net)
-        if ema is not None:
-            ema.swap()
         shown = ", ".join(f"{k} {v:.4f}" for k, v in m.items() if k != "seconds")
         if ctx.main:
             log(f"finetune: epoch {epoch}{' (partial)' if timed_out else ''}: {shown} ({m['seconds']:.0f} s)"
-                + (" *" if improved else ""))
+                + (f" {improved}" if improved else ""))
         run.next_epoch(epoch)
         if timed_out:
             stopped = "max_minutes"
@@ -445,7 +461,8 @@ def fit(
     # This process's seconds (what wall_seconds beside them measures); max_minutes counted the earlier runs' too.
     return FitResult(best.epoch, best.accuracy, epochs_run, stopped, time.perf_counter() - t_start,
                      run.history, rate,
-                     resumed_from=f"epoch {run.resumed[0]}, step {run.resumed[1]}" if run.resumed else None)
+                     resumed_from=f"epoch {run.resumed[0]}, step {run.resumed[1]}" if run.resumed else None,
+                     kept_weights=best.weights if best.epoch else "trained")
 
 
 def replay(history: list[dict], on_epoch: Callable[[int, dict], None]) -> None:
@@ -489,7 +506,8 @@ class _Run:
                 "loss_sum": self.loss_sum, "images_trained": self.images_trained,
                 "seconds_training": self.seconds_training, "elapsed": elapsed, "history": self.history,
                 "stopped": stopped, "optimizer": opt_meta, "scheduler": sched.state_dict(),
-                "best": {"key": best.key, "epoch": best.epoch, "accuracy": best.accuracy, "since": best.since}}
+                "best": {"key": best.key, "epoch": best.epoch, "accuracy": best.accuracy, "since": best.since,
+                         "weights": best.weights}}
         return tensors, meta
 
     def restore(self, saved: tuple[dict, dict], net, opt, sched, ema, best) -> None:
@@ -503,6 +521,7 @@ class _Run:
         b = meta["best"]
         best.key = tuple(b["key"]) if b["key"] is not None else None
         best.epoch, best.accuracy, best.since = b["epoch"], b["accuracy"], b["since"]
+        best.weights = b.get("weights", "trained")
         best.state = unprefixed("best", tensors) or None
         self.epoch, self.step = meta["epoch"], meta["step"]
         self.seen, self.correct, self.loss_sum = meta["seen"], meta["correct"], meta["loss_sum"]
