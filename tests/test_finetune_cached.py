@@ -69,6 +69,24 @@ def test_the_loss_trajectory_equals_full_finetuning_on_the_same_views(tmp_path, 
         assert torch.allclose(cached_weights[k].float(), full_weights[k].float(), rtol=tol * 10, atol=tol), k
 
 
+def test_head_only_training_mixes_the_cached_feature_vectors(tmp_path):
+    """unfreeze none: the views are pooled features; MixUp mixes them, and soft targets still sum to one."""
+    folder, train, val = _photos(tmp_path)
+    cfg = FinetuneConfig(epochs=2, batch_size=4, unfreeze="none", device="cpu", precision="fp32", cached_views=2,
+                         augment=dataclasses.replace(FinetuneConfig().augment, mixup=0.4))
+    bb, net = _small_resnet()
+    said = []
+    # No validation slice: the last epoch is kept, so the weights show the training.
+    views = cached_views(net, backbone=bb, root=folder, train_rows=train, val_rows=[], cfg=cfg,
+                         placement=place("cpu", "fp32", section="finetune"), cache_dir=tmp_path / "cache",
+                         log=said.append)
+    assert views.cut == ("head",) and views.shape == (512,)
+    before = net.head.weight.detach().clone()
+    result = fit(net, backbone="resnet18", root=folder, train_rows=train, val_rows=[], transform_spec=SMALL, cfg=cfg,
+                 views=views, log=said.append)
+    assert result.epochs_run == 2 and not torch.equal(before, net.head.weight)
+
+
 def test_the_views_file_is_found_again_rebuilt_when_torn_and_keyed_by_what_fixes_it(tmp_path):
     folder, train, val = _photos(tmp_path)
     cfg = FinetuneConfig(epochs=1, batch_size=4, device="cpu", precision="fp32", cached_views=2)
@@ -129,8 +147,12 @@ def test_a_network_that_is_not_one_chain_into_the_cut_is_refused():
     ({"cached_views": -1}, "finetune.cached_views must be a whole number >= 0, found -1"),
     ({"cached_views": 2.5}, "finetune.cached_views must be a whole number >= 0, found 2.5"),
     ({"cached_views": 2, "unfreeze": "all"}, "finetune.cached_views needs finetune.unfreeze none or last, found 'all'"),
+    ({"cached_views": 2, "unfreeze": "none", "augment": {"cutmix": 1.0}},
+     "finetune.augment.cutmix cuts boxes out of images, and with finetune.unfreeze: none the cached views are pooled"),
 ])
 def test_bad_cached_views_params_are_one_line_errors(settings, says):
+    if "augment" in settings:
+        settings = {**settings, "augment": dataclasses.replace(FinetuneConfig().augment, **settings["augment"])}
     with pytest.raises(PipelineError) as e:
         FinetuneConfig(**settings)
     assert str(e.value).startswith(says) and "\n" not in str(e.value)

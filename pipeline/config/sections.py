@@ -294,6 +294,10 @@ class FinetuneConfig(Section):
             raise PipelineError(f"finetune.cached_views needs finetune.unfreeze none or last, found "
                                 f"'{self.unfreeze}': all and progressive train the layers whose outputs would be "
                                 "cached; set cached_views: 0")
+        if self.cached_views and self.unfreeze == "none" and self.augment.cutmix:
+            raise PipelineError("finetune.augment.cutmix cuts boxes out of images, and with finetune.unfreeze: none "
+                                "the cached views are pooled feature vectors; set augment.cutmix: 0 (MixUp works), "
+                                "or cached_views: 0")
         if self.method != "full" and self.unfreeze == "none":
             raise PipelineError(f"finetune.method {self.method} adapts the backbone's open part, and "
                                 "finetune.unfreeze: none opens none; set unfreeze: last or all, or method: full")

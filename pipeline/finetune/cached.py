@@ -289,7 +289,8 @@ def _build(path: Path, key: str, split: Split, root, train_rows, val_rows, cfg, 
                     f.attrs["dtype"] = "bfloat16" if a.dtype == torch.bfloat16 else "float32"
                     shape = stored.shape[1:]
                     f.create_dataset("train", (k, len(train_rows), *shape), stored.dtype, chunks=(1, 1, *shape))
-                    f.create_dataset("val", (len(val_rows), *shape), stored.dtype, chunks=(1, *shape))
+                    f.create_dataset("val", (len(val_rows), *shape), stored.dtype,  # none: finetune.val_fraction 0
+                                     chunks=(1, *shape) if val_rows else None)
                 if view is None:
                     f[name][start:start + len(stored)] = stored
                 else:

@@ -391,7 +391,9 @@ def fit(
                 if x.ndim == 4:
                     x = x.contiguous(memory_format=torch.channels_last)
                 if mix is not None and len(y):  # soft targets: each row a mixture of two photos' classes
-                    x, y = mix(x, y)
+                    flat = x.ndim == 2  # cached pooled features (unfreeze none): MixUp mixes the vectors
+                    x, y = mix(x[:, :, None, None] if flat else x, y)
+                    x = x.flatten(1) if flat else x
                 with precision.autocast(dev):
                     out = model(x)
                     batch_loss = criterion(out.float(), y)
