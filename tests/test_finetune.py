@@ -155,7 +155,9 @@ def test_unknown_unfreeze_and_architecture_are_one_line_errors(tiny):
 
 def test_bad_params_name_the_key():
     for bad, fragment in [
-        ({"epochs": -1}, "finetune.epochs must be a whole number >= 0, found -1"),
+        ({"epochs": -1}, "finetune.epochs must be a whole number >= 0, or budget \\(as many as finetune.max_minutes "
+                         "allows\\), found -1"),
+        ({"epochs": "lots"}, "finetune.epochs must be a whole number >= 0, or budget .*, found 'lots'"),
         ({"lr_backbone": 0}, "finetune.lr_backbone must be a number in \\(0, inf\\)"),
         ({"val_fraction": 0.9}, "finetune.val_fraction must be a number in \\[0, 0.5\\)"),
         ({"device": "tpu"}, "unknown finetune.device 'tpu'"),
@@ -247,6 +249,32 @@ def test_the_average_of_the_weights_is_a_candidate_beside_the_trained_ones(tiny)
     best.offer(2, {"val/accuracy": 0.5, "val/loss": 0.9}, nn.Linear(1, 1))
     best.offer(2, {"val/accuracy": 0.5, "val/loss": 0.9}, nn.Linear(1, 1), weights="ema", count=False)
     assert best.since == 1
+
+
+def test_a_budget_sizes_the_epochs_and_trains_as_that_many_epochs_given(tiny):
+    """epochs: budget times a few batches, picks the epochs that fit, and then trains exactly as epochs: N would."""
+    bb, _, folder, rows = tiny
+    tr, va = split_validation(rows, 0.34, 0)
+    runs = {}
+    for epochs in ("budget", None):
+        torch.manual_seed(0)
+        net = FineTuneNet(load_backbone("resnet18", "none").features, nn.Linear(bb.feature_dim, 2))
+        said = []
+        # A budget of a few seconds: some epochs of these 8 photos, far from the cap of 100.
+        res = _fit(net, folder, tr, va, log=said.append, lr_head=1e-3, patience=100, val_fraction=0.34,
+                   epochs=epochs or runs["budget"][0].epochs_run, max_minutes=0.05 if epochs else 10)
+        runs[epochs] = res, {k: v.clone() for k, v in net.state_dict().items()}, said
+    (budget, _, said), (given, _, _) = runs["budget"], runs[None]
+    line = next(x for x in said if x.startswith("finetune: finetune.epochs: budget: "))
+    chosen = int(line.split(": ")[3].split()[0])
+    assert 1 <= chosen < 100 and given.epochs_run == chosen, line
+    # Every epoch the budget run completed (a loaded machine may stop it early, on the clock) is the given run's:
+    # the timing batches changed no weight, and the schedule is that of epochs: N.
+    done = [h for h in budget.history[1:] if h["epoch"] < budget.epochs_run or budget.stopped == "epochs"]
+    assert done, (budget.stopped, line)
+    for h in done:
+        g = given.history[h["epoch"]]
+        assert (h["train/loss"], h["val/loss"]) == (g["train/loss"], g["val/loss"]), h["epoch"]
 
 
 def test_flip_tta_scores_a_photo_and_its_mirror_image_alike(tiny):

@@ -248,7 +248,7 @@ class AugmentConfig(Section):
 @dataclass(frozen=True)
 class FinetuneConfig(Section):
     unfreeze: str = "last"
-    epochs: int = 3
+    epochs: Any = 3  # or "budget": as many as max_minutes allows, timed on this machine (pipeline.finetune.train)
     batch_size: int = 16
     lr_head: float = 3e-4
     lr_backbone: float = 1e-4
@@ -309,7 +309,9 @@ class FinetuneConfig(Section):
         if not isinstance(self.tta_flip, bool):
             raise _bad(f"{w}.tta_flip", "true or false", self.tta_flip)
         _choice(w, "unfreeze", self.unfreeze, UNFREEZE)
-        _int(w, "epochs", self.epochs)
+        if self.epochs != "budget" and not (_is_int(self.epochs) and self.epochs >= 0):
+            raise _bad(f"{w}.epochs", "a whole number >= 0, or budget (as many as finetune.max_minutes allows)",
+                       self.epochs)
         _int(w, "seed", self.seed)
         if self.decode_workers != "auto" and not (_is_int(self.decode_workers) and self.decode_workers >= 0):
             raise _bad(f"{w}.decode_workers", "auto or a whole number >= 0", self.decode_workers)

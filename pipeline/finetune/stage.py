@@ -177,7 +177,8 @@ def _run(cfg: Config, where: Placement, workers: Workers, t0: float, *, prepared
         "finetune_run": {"wall_seconds": round(wall, 1), "training_seconds": round(result.seconds, 1),
                          "train_images_per_second": result.train_images_per_second,
                          "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
-                         "kept": kept, "kept_weights": result.kept_weights, "engine": engine, "world_size": world,
+                         "epochs_planned": result.epochs_planned, "kept": kept,
+                         "kept_weights": result.kept_weights, "engine": engine, "world_size": world,
                          "resumed_from": result.resumed_from},
     })
     checkpoints.clear()  # the model is written: nothing is left to resume

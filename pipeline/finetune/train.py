@@ -50,6 +50,9 @@ from pipeline.finetune.resume import (
 from pipeline.runtime import Placement, Precision, place
 
 FP32 = Precision("fp32", "fp32")
+#: ``finetune.epochs: budget``: as many epochs as ``max_minutes`` allows, timed on this many batches,
+#: and never more than this many epochs (a few photos in ten minutes would otherwise run thousands).
+BUDGET, BUDGET_PROBE_STEPS, BUDGET_MAX_EPOCHS, BUDGET_SHARE = "budget", 3, 100, 0.8
 
 
 @dataclass
@@ -63,6 +66,7 @@ class FitResult:
     train_images_per_second: float | None = None  # training steps only (forward, backward, update, decoding)
     resumed_from: str | None = None  # "epoch E, step S" when the run went on from a checkpoint
     kept_weights: str = "trained"  # "ema": the kept epoch's average of the weights (finetune.ema) scored better
+    epochs_planned: int | None = None  # finetune.epochs, or the number finetune.epochs: budget chose
 
     def summary(self) -> dict:
         return {
@@ -74,6 +78,7 @@ class FitResult:
             "train_images_per_second": self.train_images_per_second,
             "resumed_from": self.resumed_from,
             "kept_weights": self.kept_weights,
+            "epochs_planned": self.epochs_planned,
         }
 
 
@@ -297,11 +302,13 @@ def fit(
                   if cached_val else
                   loader(root, mine, transform_spec.build(), bs, decoders, pin_memory=dev.type == "cuda"))
     n_batches = math.ceil(len(train_rows) / bs)
-    total_steps = max(1, cfg.epochs * n_batches)
     opt = _optimizer(groups, cfg)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, warmup_cosine(total_steps, int(round(cfg.warmup_fraction * total_steps)))
-    )
+
+    def schedule(epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
+        total_steps = max(1, epochs * n_batches)
+        return torch.optim.lr_scheduler.LambdaLR(
+            opt, warmup_cosine(total_steps, int(round(cfg.warmup_fraction * total_steps))))
+
     # Summed over the photos and divided by the global batch: the gradient DDP averages over
     # the workers is then the one-process batch's mean, whatever each worker's share.
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing, reduction="sum")
@@ -313,7 +320,9 @@ def fit(
             + f" ({n_trainable:,} trainable parameters), "
             f"{len(train_rows)} train / {len(val_rows)} validation images, batch {bs}"
             + (f" across {ctx.world_size} workers ({ctx.engine})" if ctx.distributed else "")
-            + f", up to {cfg.epochs} epochs or {cfg.max_minutes:g} min, on {where.describe()}"
+            + (f", up to {cfg.epochs} epochs or {cfg.max_minutes:g} min" if cfg.epochs != BUDGET else
+               f", as many epochs as fit in {cfg.max_minutes:g} min (finetune.epochs: budget)")
+            + f", on {where.describe()}"
             + (f"; over the cached activations entering {'.'.join(views.cut)} ({views.k} view"
                f"{'s' if views.k > 1 else ''} per photo)" if views is not None else "")
         )
@@ -330,11 +339,70 @@ def fit(
             "val/accuracy": float((logits.argmax(1) == y).mean()),
         }
 
+    shape = views.shape if views is not None else (3, transform_spec.crop, transform_spec.crop)
+
+    def forward_backward(x, y, i: int):
+        """One step's forward and backward pass on the ``i``-th global batch (1 = the first): ``(out, y, loss)``."""
+        n_global = min(bs, len(train_rows) - (i - 1) * bs)
+        if x is None:  # an empty share: a forward pass of no photos keeps DDP's collectives in step
+            x = torch.zeros(0, *shape)
+        x, y = _to_device(x, dev), y.to(dev, non_blocking=True)
+        # channels_last inputs for training on the CPU too: 1.6x the images/s of a bf16 step of
+        # efficientnet_lite0 on AVX-512 (python -m pipeline.bench train_speed). Scoring keeps the
+        # extraction's layout, so epoch 0 still predicts exactly what the cached features' head does.
+        if x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if mix is not None and len(y):  # soft targets: each row a mixture of two photos' classes
+            flat = x.ndim == 2  # cached pooled features (unfreeze none): MixUp mixes the vectors
+            x, y = mix(x[:, :, None, None] if flat else x, y)
+            x = x.flatten(1) if flat else x
+        with precision.autocast(dev):
+            out = model(x)
+            batch_loss = criterion(out.float(), y)
+        opt.zero_grad(set_to_none=True)
+        (batch_loss * (ctx.world_size / n_global)).backward()
+        return out, y, batch_loss
+
+    def epoch_data(epoch: int):
+        return views.train(epoch) if views is not None else RowImages(root, train_rows, train_transform)
+
+    def budget_epochs(val_seconds: float) -> int:
+        """``finetune.epochs: budget``: the epochs that fit in what is left of ``max_minutes``, timed now.
+
+        The first batches of epoch 1 go forward and backward with no update, so the
+        run trains exactly as it would with that number of epochs given.
+        """
+        set_train_mode(net, open_modules(groups, cfg.unfreeze, 1))
+        sampler = GlobalBatches(len(train_rows), bs, cfg.seed, 1, ctx.rank, ctx.world_size)
+        steps = min(BUDGET_PROBE_STEPS, n_batches)
+        t = time.perf_counter()
+        with top():
+            for i, (x, y, bad) in zip(range(1, steps + 1), train_loader(epoch_data(1), sampler)):
+                check_batch(bad)
+                torch.manual_seed(mix_seed(cfg.seed, 1, i, ctx.rank))
+                forward_backward(x, y, i)
+        opt.zero_grad(set_to_none=True)
+        # The slowest worker sets the pace; each computes the same number from the same sums.
+        per_step = max(p[0] for p in ctx.gather(((time.perf_counter() - t) / steps,)))
+        epoch_seconds = per_step * n_batches + val_seconds
+        left = 60.0 * cfg.max_minutes - (time.perf_counter() - t_start)
+        # A fifth of it kept back: epochs vary (a shared machine, checkpoints), and max_minutes stops the run anyway.
+        n = max(1, min(BUDGET_MAX_EPOCHS, int(BUDGET_SHARE * left // max(epoch_seconds, 1e-9))))
+        if ctx.main:
+            log(f"finetune: finetune.epochs: budget: {n} epochs of about {epoch_seconds:.1f} s fit in the "
+                f"{left / 60:.1f} min left of finetune.max_minutes {cfg.max_minutes:g} (timed on {steps} "
+                f"batches{'; at most ' + str(BUDGET_MAX_EPOCHS) if n == BUDGET_MAX_EPOCHS else ''})")
+        return n
+
     best = _Best(len(val_rows), cfg.beat_head_by)
     ema = _EMA(net, cfg.ema) if cfg.ema > 0 else None
     run = _Run()
     resumed = checkpoints.load() if checkpoints is not None else None
+    model = ctx.wrap(net)
+    epochs = cfg.epochs
     if resumed is not None:
+        epochs = resumed[1].get("epochs", epochs)  # budget: what the first run measured, not a new guess
+        sched = schedule(epochs)
         run.restore(resumed, net, opt, sched, ema, best)
         if ctx.main:
             log(f"finetune: resuming from epoch {run.epoch}, step {run.step} of {n_batches} "
@@ -350,7 +418,9 @@ def fit(
                                         elapsed=run.elapsed + time.perf_counter() - t_start))
 
     if resumed is None:
+        t_val = time.perf_counter()
         start = validate()
+        t_val = time.perf_counter() - t_val
         if start:
             # The warm-start head never saw these images: an honest score, and a candidate.
             if ctx.main:
@@ -360,9 +430,12 @@ def fit(
             best.offer(0, start, net)
             if on_epoch:
                 on_epoch(0, start)
+        if epochs == BUDGET:
+            epochs = budget_epochs(t_val)
+        sched = schedule(epochs)
+    run.epochs = epochs
     stopped = run.stopped or "epochs"
-    model = ctx.wrap(net)
-    for epoch in range(run.epoch, cfg.epochs + 1 if run.stopped is None else 0):
+    for epoch in range(run.epoch, epochs + 1 if run.stopped is None else 0):
         if cfg.unfreeze == "progressive":
             unfreeze(epoch)
             model = ctx.wrap(net)  # DDP syncs the parameters that train at its construction: these ones now
@@ -372,33 +445,14 @@ def fit(
         set_train_mode(net, open_modules(groups, cfg.unfreeze, epoch))
         first = run.step
         sampler = GlobalBatches(len(train_rows), bs, cfg.seed, epoch, ctx.rank, ctx.world_size, start=first)
-        data = views.train(epoch) if views is not None else RowImages(root, train_rows, train_transform)
-        batches = train_loader(data, sampler, decoders if views is None else 0, pin_memory=dev.type == "cuda")
-        shape = views.shape if views is not None else (3, transform_spec.crop, transform_spec.crop)
+        batches = train_loader(epoch_data(epoch), sampler, decoders if views is None else 0, pin_memory=dev.type == "cuda")
         t_epoch = time.perf_counter()
         timed_out = False
         with top():
             for i, (x, y, bad) in enumerate(batches, start=first + 1):
                 check_batch(bad)
                 torch.manual_seed(mix_seed(cfg.seed, epoch, i, ctx.rank))  # MixUp, stochastic depth: by step
-                n_global = min(bs, len(train_rows) - (i - 1) * bs)
-                if x is None:  # an empty share: a forward pass of no photos keeps DDP's collectives in step
-                    x = torch.zeros(0, *shape)
-                x, y = _to_device(x, dev), y.to(dev, non_blocking=True)
-                # channels_last inputs for training on the CPU too: 1.6x the images/s of a bf16 step of
-                # efficientnet_lite0 on AVX-512 (python -m pipeline.bench train_speed). Scoring keeps the
-                # extraction's layout, so epoch 0 still predicts exactly what the cached features' head does.
-                if x.ndim == 4:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                if mix is not None and len(y):  # soft targets: each row a mixture of two photos' classes
-                    flat = x.ndim == 2  # cached pooled features (unfreeze none): MixUp mixes the vectors
-                    x, y = mix(x[:, :, None, None] if flat else x, y)
-                    x = x.flatten(1) if flat else x
-                with precision.autocast(dev):
-                    out = model(x)
-                    batch_loss = criterion(out.float(), y)
-                opt.zero_grad(set_to_none=True)
-                (batch_loss * (ctx.world_size / n_global)).backward()
+                out, y, batch_loss = forward_backward(x, y, i)
                 opt.step()
                 sched.step()
                 if ema is not None:
@@ -410,7 +464,7 @@ def fit(
                 run.step = i
                 timed_out = late > 0
                 if epoch == 1 and ctx.main and first == 0 and (i == min(3, n_batches) or (timed_out and i < 3)):
-                    _estimate(log, time.perf_counter() - t_epoch, i, n_batches, len(val_rows), cfg)
+                    _estimate(log, time.perf_counter() - t_epoch, i, n_batches, len(val_rows), cfg, epochs)
                 if timed_out:
                     break
                 if cfg.checkpoint_every and i % cfg.checkpoint_every == 0 and i < n_batches:
@@ -459,12 +513,12 @@ def fit(
         log("finetune: fine-tuning did not beat the warm-start head on the validation slice; "
             "keeping the head's weights")
     rate = round(run.images_trained / run.seconds_training, 2) if run.seconds_training else None
-    epochs_run = max((h["epoch"] for h in run.history), default=0) if cfg.epochs else 0
+    epochs_run = max((h["epoch"] for h in run.history), default=0) if epochs else 0
     # This process's seconds (what wall_seconds beside them measures); max_minutes counted the earlier runs' too.
     return FitResult(best.epoch, best.accuracy, epochs_run, stopped, time.perf_counter() - t_start,
                      run.history, rate,
                      resumed_from=f"epoch {run.resumed[0]}, step {run.resumed[1]}" if run.resumed else None,
-                     kept_weights=best.weights if best.epoch else "trained")
+                     kept_weights=best.weights if best.epoch else "trained", epochs_planned=epochs)
 
 
 def replay(history: list[dict], on_epoch: Callable[[int, dict], None]) -> None:
@@ -485,6 +539,7 @@ class _Run:
         self.history: list[dict] = []
         self.stopped: str | None = None
         self.resumed: tuple[int, int] | None = None
+        self.epochs: int = 0  # the run's number of epochs (finetune.epochs, or what budget chose)
 
     def count(self, seen: float, correct: float, loss_sum: float) -> None:
         self.seen += int(seen)
@@ -504,7 +559,7 @@ class _Run:
             tensors.update({f"ema.{i}": t for i, t in enumerate(ema.shadow)})
         if best.state is not None:
             tensors.update(prefixed("best", best.state))
-        meta = {"epoch": self.epoch, "step": self.step, "seen": self.seen, "correct": self.correct,
+        meta = {"epochs": self.epochs, "epoch": self.epoch, "step": self.step, "seen": self.seen, "correct": self.correct,
                 "loss_sum": self.loss_sum, "images_trained": self.images_trained,
                 "seconds_training": self.seconds_training, "elapsed": elapsed, "history": self.history,
                 "stopped": stopped, "optimizer": opt_meta, "scheduler": sched.state_dict(),
@@ -533,7 +588,8 @@ class _Run:
         self.resumed = (self.epoch, self.step)
 
 
-def _estimate(log, seconds: float, batches: int, n_batches: int, n_val: int, cfg: FinetuneConfig) -> None:
+def _estimate(log, seconds: float, batches: int, n_batches: int, n_val: int, cfg: FinetuneConfig,
+              epochs: int) -> None:
     """Print the expected time per epoch from the first batches."""
     per_batch = seconds / batches
     train = per_batch * n_batches
@@ -541,8 +597,8 @@ def _estimate(log, seconds: float, batches: int, n_batches: int, n_val: int, cfg
     val = per_batch / 3 * math.ceil(n_val / cfg.batch_size)
     epoch = train + val
     msg = (f"finetune: about {epoch:.0f} s per epoch ({train:.0f} s training, {val:.0f} s validation; "
-           f"timed on the first {batches} batches), {cfg.epochs} epochs ~ {cfg.epochs * epoch / 60:.1f} min")
+           f"timed on the first {batches} batches), {epochs} epochs ~ {epochs * epoch / 60:.1f} min")
     fits = int(60 * cfg.max_minutes // max(epoch, 1e-9))
-    if fits < cfg.epochs:
+    if fits < epochs:
         msg += f"; finetune.max_minutes={cfg.max_minutes:g} allows about {fits}"
     log(msg)
