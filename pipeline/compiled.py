@@ -22,7 +22,6 @@ Ray actors of one machine) loads the same file.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json

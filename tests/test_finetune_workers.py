@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import random
 import re
@@ -27,7 +26,6 @@ import torch
 import yaml
 from helpers_dvc import sample_slice
 from helpers_images import make_class_folder, sha256
-from safetensors.torch import load_file
 from torch import nn
 
 from conftest import import_or_skip
@@ -37,6 +35,7 @@ from pipeline.data.manifest import Row
 from pipeline.data.transform import TransformSpec
 from pipeline.errors import PipelineError
 from pipeline.finetune.data import GlobalBatches, RowImages
+from pipeline.bench.common import finetune_result, set_finetune, stage_env
 from pipeline.finetune.distributed import Workers, backend_for, launched_by_torchrun, worker_device
 from pipeline.finetune.network import FineTuneNet
 from pipeline.finetune.resume import Checkpoints, run_key
@@ -51,31 +50,16 @@ ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = {"epochs": 2, "batch_size": 8, "device": "cpu", "precision": "fp32", "val_fraction": 0.0}
 
 
-def _env() -> dict:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    return env
-
-
 def _stage(path: Path, *cmd: str, check=True, timeout=600) -> subprocess.CompletedProcess:
-    res = subprocess.run(list(cmd), cwd=path, env=_env(), capture_output=True, text=True, timeout=timeout)
+    res = subprocess.run(list(cmd), cwd=path, env=stage_env(), capture_output=True, text=True, timeout=timeout)
     if check and res.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {res.returncode}\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
     return res
 
 
-def _set(path: Path, **finetune) -> None:
-    params = yaml.safe_load((path / "params.yaml").read_text())
-    params["finetune"].update(finetune)
-    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-
-
 def _outcome(path: Path) -> dict:
     """What a finished run left: its weights, test metrics, run record and epochs; then clears them for the next run."""
-    out = {"weights": load_file(str(path / "models/finetune/model.safetensors")),
-           **json.loads((path / "reports/finetune_metrics.json").read_text()),
-           "epochs": {f"{f.parent.name}/{f.stem}": [float(line.split("\t")[1]) for line in f.read_text().splitlines()[1:]]
-                      for f in (path / "dvclive/plots/metrics").rglob("*.tsv") if "per_second" not in f.stem}}
+    out = finetune_result(path)
     shutil.rmtree(path / "models/finetune")
     (path / "reports/finetune_metrics.json").unlink()
     return out
@@ -104,7 +88,7 @@ def photos_project(catsdogs, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def one_process(photos_project) -> dict:
     """The reference: one uninterrupted in-process run."""
-    _set(photos_project, engine="local", workers=1, checkpoint_every=0)
+    set_finetune(photos_project, engine="local", workers=1, checkpoint_every=0)
     _stage(photos_project, sys.executable, "-m", "stages.finetune")
     return _outcome(photos_project)
 
@@ -141,11 +125,11 @@ def test_two_torchrun_workers_learn_what_one_process_learns(photos_project, one_
 @pytest.mark.sample_data
 def test_two_ray_train_workers_learn_what_one_process_learns(photos_project, one_process):
     import_or_skip("ray.train.torch", "Ray Train is not installed: pip install -e '.[ray]' (CI installs it)")
-    _set(photos_project, engine="ray", workers=2)
+    set_finetune(photos_project, engine="ray", workers=2)
     try:
         res = _stage(photos_project, sys.executable, "-m", "stages.finetune")
     finally:
-        _set(photos_project, engine="local", workers=1)
+        set_finetune(photos_project, engine="local", workers=1)
     run = _outcome(photos_project)
     assert run["finetune_run"]["engine"] == "ray" and run["finetune_run"]["world_size"] == 2
     assert "on 2 Ray Train workers" in res.stdout
@@ -155,7 +139,7 @@ def test_two_ray_train_workers_learn_what_one_process_learns(photos_project, one
 
 
 def _start(path: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "stages.finetune"], cwd=path, env=_env(), text=True,
+    return subprocess.Popen([sys.executable, "-m", "stages.finetune"], cwd=path, env=stage_env(), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
@@ -182,7 +166,7 @@ def test_killed_twice_at_random_moments_it_resumes_to_the_uninterrupted_weights(
     # 30 train photos in batches of 8, 2 epochs: 8 steps, a checkpoint after each (the last of an epoch
     # after its end). Two kills after 1-3 and 1-2 more checkpoints, and up to a step's time later:
     # mid-step, mid-write or between them.
-    _set(photos_project, checkpoint_every=1)
+    set_finetune(photos_project, checkpoint_every=1)
     rng = random.Random(int(os.environ.get("TL_KILL_SEED", "0")))
     logs = []
     _kill_after_saves.before = set()
@@ -196,7 +180,7 @@ def test_killed_twice_at_random_moments_it_resumes_to_the_uninterrupted_weights(
                                         for f in (photos_project / "data/cache/finetune").glob("*/checkpoint.safetensors")}
         res = _stage(photos_project, sys.executable, "-m", "stages.finetune")
     finally:
-        _set(photos_project, checkpoint_every=0)
+        set_finetune(photos_project, checkpoint_every=0)
     logs.append(res.stdout)
     text = "".join(logs)
     assert text.count("resuming from epoch") >= 2, f"a run did not resume, so it tested nothing:\n{text[-3000:]}"
@@ -210,17 +194,17 @@ def test_killed_twice_at_random_moments_it_resumes_to_the_uninterrupted_weights(
 @pytest.mark.slow
 @pytest.mark.sample_data
 def test_a_torchrun_worker_killed_mid_run_is_restarted_from_the_checkpoint(photos_project, one_process):
-    _set(photos_project, checkpoint_every=1)
+    set_finetune(photos_project, checkpoint_every=1)
     _kill_after_saves.before = set()
     try:
         proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--max-restarts", "1",
-                                 "--nproc_per_node", "2", "-m", "stages.finetune"], cwd=photos_project, env=_env(),
+                                 "--nproc_per_node", "2", "-m", "stages.finetune"], cwd=photos_project, env=stage_env(),
                                 text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         victim = _Child(proc.pid)
         _kill_after_saves(photos_project, victim, 3, 0.0)  # one worker dies; torchrun restarts the group
         out = proc.communicate(timeout=600)[0]
     finally:
-        _set(photos_project, checkpoint_every=0)
+        set_finetune(photos_project, checkpoint_every=0)
     assert proc.returncode == 0, out[-3000:]
     assert victim.killed and "resuming from epoch" in out, out[-3000:]
     run = _outcome(photos_project)

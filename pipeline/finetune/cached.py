@@ -257,7 +257,7 @@ def _build(path: Path, key: str, split: Split, root, train_rows, val_rows, cfg, 
            log) -> dict:
     dev, precision, spec, aug, k = placement.device, placement.precision, backbone.transform_spec, cfg.augment, \
         cfg.cached_views
-    net = split.net.to(dev).eval()
+    split.net.to(dev).eval()  # the frozen layers, as full fine-tuning runs them
     workers = decode_workers(cfg.decode_workers, dev)
     augmented = spec.augment(aug.crop_scale, aug.policy, aug.erasing)
     first = next(iter(_batches(root, (val_rows or train_rows)[:2], spec.build(), cfg.seed, None, 2, 0)))
