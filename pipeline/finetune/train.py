@@ -382,7 +382,7 @@ def fit(
                 torch.manual_seed(mix_seed(cfg.seed, 1, i, ctx.rank))
                 forward_backward(x, y, i)
         opt.zero_grad(set_to_none=True)
-        # The slowest worker sets the pace; each computes the same number from the same sums.
+        # The slowest worker sets the pace, and every worker computes the same number from the gathered times.
         per_step = max(p[0] for p in ctx.gather(((time.perf_counter() - t) / steps,)))
         epoch_seconds = per_step * n_batches + val_seconds
         left = 60.0 * cfg.max_minutes - (time.perf_counter() - t_start)
