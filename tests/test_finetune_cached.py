@@ -18,6 +18,7 @@ from pipeline.data.transform import TransformSpec
 from pipeline.errors import PipelineError
 from pipeline.finetune.cached import Split, cached_views, check_split
 from pipeline.finetune.network import FineTuneNet
+from pipeline.finetune.resume import Checkpoints
 from pipeline.finetune.stage import run_finetune
 from pipeline.finetune.train import fit
 from pipeline.runtime import cpu_has_native_bf16, place
@@ -85,6 +86,51 @@ def test_head_only_training_mixes_the_cached_feature_vectors(tmp_path):
     result = fit(net, backbone="resnet18", root=folder, train_rows=train, val_rows=[], transform_spec=SMALL, cfg=cfg,
                  views=views, log=said.append)
     assert result.epochs_run == 2 and not torch.equal(before, net.head.weight)
+
+
+class _Killed(Exception):
+    pass
+
+
+def _die_in(epoch: int):
+    def on_epoch(e, m):  # after the epoch's last step, before its end's checkpoint
+        if e == epoch:
+            raise _Killed
+    return on_epoch
+
+
+def test_a_killed_run_over_views_resumes_to_the_unbroken_weights_and_keeps_its_budget(tmp_path):
+    folder, train, val = _photos(tmp_path)
+    where = place("cpu", "fp32", section="finetune")
+    cfg = FinetuneConfig(epochs=3, batch_size=4, device="cpu", precision="fp32", lr_backbone=1e-3, lr_head=1e-3,
+                         patience=5, cached_views=2, checkpoint_every=1)
+
+    def run(cfg, store=None, on_epoch=None, said=None):
+        bb, net = _small_resnet()
+        views = cached_views(net, backbone=bb, root=folder, train_rows=train, val_rows=val, cfg=cfg, placement=where,
+                             cache_dir=tmp_path / "cache", log=lambda s: None)
+        result = fit(net, backbone="resnet18", root=folder, train_rows=train, val_rows=val, transform_spec=SMALL,
+                     cfg=cfg, views=views, checkpoints=store, on_epoch=on_epoch,
+                     log=said.append if said is not None else lambda s: None)
+        return result, net.state_dict()
+
+    _, unbroken = run(cfg)
+    with pytest.raises(_Killed):
+        run(cfg, Checkpoints(tmp_path / "cache", "a" * 64), _die_in(2))
+    result, resumed = run(cfg, Checkpoints(tmp_path / "cache", "a" * 64))
+    assert result.resumed_from == "epoch 2, step 2"
+    for k, v in unbroken.items():
+        assert torch.equal(v, resumed[k]), k
+    # epochs: budget is timed once: the resumed run keeps the number the killed one chose.
+    budget = dataclasses.replace(cfg, epochs="budget", max_minutes=0.02)
+    said = []
+    with pytest.raises(_Killed):
+        run(budget, Checkpoints(tmp_path / "cache", "b" * 64), _die_in(1), said)
+    chosen = int(next(x for x in said if "finetune.epochs: budget: " in x).split(": ")[3].split()[0])
+    said = []
+    result, _ = run(budget, Checkpoints(tmp_path / "cache", "b" * 64), said=said)
+    assert result.resumed_from == "epoch 1, step 2" and result.epochs_planned == chosen
+    assert not any("finetune.epochs: budget: " in x for x in said), said
 
 
 def test_the_views_file_is_found_again_rebuilt_when_torn_and_keyed_by_what_fixes_it(tmp_path):
