@@ -114,7 +114,8 @@ class Split:
         finally:
             handle.remove()
         if len(seen) != 1 or not isinstance(seen[0], torch.Tensor):
-            raise PipelineError(f"finetune.cached_views: {'.'.join(self.path)} is not called once with one tensor")
+            raise PipelineError(f"finetune.cached_views: the network never passes a tensor to {'.'.join(self.path)}, "
+                                "where it would be cut; set finetune.cached_views: 0")
         return seen[0]
 
     @contextlib.contextmanager
