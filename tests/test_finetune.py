@@ -342,6 +342,11 @@ def test_mixup_and_cutmix_labels_are_distributions():
         assert soft.shape == (16, 3) and mixed_x.shape == x.shape
         torch.testing.assert_close(soft.sum(1), torch.ones(16))
         assert (soft >= 0).all() and not torch.equal(soft, nn.functional.one_hot(y, 3).float())  # really mixed
+    # Feature vectors (cached views with unfreeze: none) are mixed as well, and keep their shape.
+    v = torch.rand(16, 8)
+    mixed_v, soft = batch_mixer(0.4, 0.0, 3)(v, y)
+    assert mixed_v.shape == v.shape and not torch.equal(mixed_v, v)
+    torch.testing.assert_close(soft.sum(1), torch.ones(16))
 
 
 @pytest.mark.parametrize("augment", [

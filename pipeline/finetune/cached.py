@@ -56,7 +56,7 @@ from pipeline.backbones.stages import last_stage_path
 from pipeline.data.manifest import Row
 from pipeline.errors import PipelineError
 from pipeline.fileio import atomic_path, file_lock, remove_stale_temporaries
-from pipeline.finetune.data import RowImages, check_batch, collate, decode_workers, mix_seed
+from pipeline.finetune.data import RowImages, augment_seed, check_batch, collate, decode_workers
 from pipeline.runtime import Placement
 
 #: Raised when what a views file holds changes meaning: older files are then rebuilt, never misread.
@@ -220,11 +220,15 @@ def _open(path: Path, key: str, log: Callable[[str], None]) -> dict | None:
             if f.attrs["key"] != key:
                 log(f"finetune: ignoring {path}: written for other photos or settings; it will be rebuilt")
                 return None
-            return {"shape": tuple(int(s) for s in f["train"].shape[2:]), "n_val": int(f["val"].shape[0])}
+            return _describe(f)
     except Exception as e:  # noqa: BLE001 - torn or foreign: rebuild
         log(f"finetune: ignoring the unreadable cached views {path} ({str(e).splitlines()[0][:120]}); "
             "they will be rebuilt")
         return None
+
+
+def _describe(f: h5py.File) -> dict:
+    return {"shape": tuple(int(s) for s in f["train"].shape[2:]), "n_val": int(f["val"].shape[0])}
 
 
 def cached_views(net: nn.Module, *, backbone, root, train_rows: Sequence[Row], val_rows: Sequence[Row], cfg,
@@ -298,15 +302,15 @@ def _build(path: Path, key: str, split: Split, root, train_rows, val_rows, cfg, 
                     f[name][view, start:start + len(stored)] = stored
                 start += len(stored)
                 bar.update(len(stored))
-        found = {"shape": tuple(int(s) for s in f["train"].shape[2:]), "n_val": len(val_rows)}
+        found = _describe(f)
     log(f"finetune: cached {k * len(train_rows) + len(val_rows)} activations of shape {found['shape']} "
         f"in {time.perf_counter() - t0:.0f} s ({path.stat().st_size / 2**20:.0f} MiB)")
     return found
 
 
 def _batches(root, rows: Sequence[Row], transform, seed: int, view: int | None, batch_size: int, workers: int):
-    """``(x, y, bad)`` batches of ``rows`` in order; view ``v`` draws each photo's augmentation as epoch ``v + 1`` does."""
-    items = [(i, mix_seed(seed, view + 1, i)) if view is not None else i for i in range(len(rows))]
+    """``(x, y, bad)`` batches of ``rows`` in order; view ``v`` draws each photo's augmentation as epoch v + 1."""
+    items = [(i, augment_seed(seed, view + 1, i)) if view is not None else i for i in range(len(rows))]
     order = [items[j:j + batch_size] for j in range(0, len(items), batch_size)]
     return torch.utils.data.DataLoader(RowImages(root, rows, transform), batch_sampler=order, num_workers=workers,
                                        collate_fn=collate)

@@ -114,8 +114,8 @@ def run_split(project: Path, seed: int, variants: list[tuple[str, dict]], test_f
                  val_start=res.history[0].get("val/accuracy") if res.history else None,
                  best_val=res.best_val_accuracy, **ensemble)
         if ensemble:  # the candidates' choice with the ensemble among them: picked by more validation photos
-            m["accuracy_with_ensemble"] = (ensemble["test_ensemble"] if ensemble["val_ensemble"] > ensemble["val_network"]
-                                           else m["accuracy"])
+            better = ensemble["val_ensemble"] > ensemble["val_network"]
+            m["accuracy_with_ensemble"] = ensemble["test_ensemble"] if better else m["accuracy"]
         out[name] = m
         print(f"seed {seed} {name}: test {m['accuracy']:.4f}, flipped {m['accuracy_flip']:.4f} "
               f"(logreg {out['logreg']['accuracy']:.4f}), validation {m['val_start']} -> {m['best_val']}, "

@@ -53,6 +53,12 @@ def mix_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
+def augment_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of photo ``index``'s augmentation in ``epoch`` (1 = the first): the same in every worker,
+    in a resumed run, and in the cached view that stands for that epoch (:mod:`pipeline.finetune.cached`)."""
+    return mix_seed(seed, epoch, index)
+
+
 class GlobalBatches(torch.utils.data.Sampler):
     """One worker's share of each global batch of an epoch, from batch ``start`` on.
 
@@ -76,7 +82,7 @@ class GlobalBatches(torch.utils.data.Sampler):
         order = torch.randperm(self.n, generator=torch.Generator().manual_seed(mix_seed(self.seed, self.epoch)))
         for b in range(self.start, math.ceil(self.n / self.batch_size)):
             batch = order[b * self.batch_size:(b + 1) * self.batch_size].tolist()
-            yield [(i, mix_seed(self.seed, self.epoch, i)) for i in batch[self.rank::self.world_size]]
+            yield [(i, augment_seed(self.seed, self.epoch, i)) for i in batch[self.rank::self.world_size]]
 
 
 def train_loader(dataset: torch.utils.data.Dataset, sampler: GlobalBatches, workers: int = 0,

@@ -188,7 +188,17 @@ def batch_mixer(mixup: float, cutmix: float, n_classes: int):
     built = [m(alpha=float(a), num_classes=n_classes) for a, m in ((mixup, T.MixUp), (cutmix, T.CutMix)) if a]
     if not built:
         return None
-    return built[0] if len(built) == 1 else T.RandomChoice(built)
+    mixer = built[0] if len(built) == 1 else T.RandomChoice(built)
+
+    def mix(x: torch.Tensor, y: torch.Tensor):
+        # torchvision mixes (N, C, H, W) batches; feature vectors (cached views with unfreeze: none)
+        # go through as 1x1 maps, which MixUp mixes alike.
+        if x.ndim != 2:
+            return mixer(x, y)
+        x, y = mixer(x[:, :, None, None], y)
+        return x.flatten(1), y
+
+    return mix
 
 
 class _Best:
@@ -294,6 +304,7 @@ def fit(
     net.to(dev)
     n_trainable = sum(q.numel() for q in net.parameters() if q.requires_grad)
     bs, decoders = cfg.batch_size, decode_workers(cfg.decode_workers, dev)
+    train_decoders = decoders if views is None else 0  # views are read, not decoded
     aug = cfg.augment
     train_transform = transform_spec.augment(aug.crop_scale, aug.policy, aug.erasing)
     mix = batch_mixer(aug.mixup, aug.cutmix, n_classes=net.head.out_features)
@@ -353,9 +364,7 @@ def fit(
         if x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         if mix is not None and len(y):  # soft targets: each row a mixture of two photos' classes
-            flat = x.ndim == 2  # cached pooled features (unfreeze none): MixUp mixes the vectors
-            x, y = mix(x[:, :, None, None] if flat else x, y)
-            x = x.flatten(1) if flat else x
+            x, y = mix(x, y)
         with precision.autocast(dev):
             out = model(x)
             batch_loss = criterion(out.float(), y)
@@ -377,7 +386,7 @@ def fit(
         steps = min(BUDGET_PROBE_STEPS, n_batches)
         t = time.perf_counter()
         with top():
-            for i, (x, y, bad) in zip(range(1, steps + 1), train_loader(epoch_data(1), sampler)):
+            for i, (x, y, bad) in zip(range(1, steps + 1), train_loader(epoch_data(1), sampler, train_decoders)):
                 check_batch(bad)
                 torch.manual_seed(mix_seed(cfg.seed, 1, i, ctx.rank))
                 forward_backward(x, y, i)
@@ -445,7 +454,7 @@ def fit(
         set_train_mode(net, open_modules(groups, cfg.unfreeze, epoch))
         first = run.step
         sampler = GlobalBatches(len(train_rows), bs, cfg.seed, epoch, ctx.rank, ctx.world_size, start=first)
-        batches = train_loader(epoch_data(epoch), sampler, decoders if views is None else 0, pin_memory=dev.type == "cuda")
+        batches = train_loader(epoch_data(epoch), sampler, train_decoders, pin_memory=dev.type == "cuda")
         t_epoch = time.perf_counter()
         timed_out = False
         with top():
@@ -476,7 +485,7 @@ def fit(
              "train/images_per_second": (run.seen - run.seen_before_resume) / max(train_seconds, 1e-9)}
         m.update(validate())
         # Without a validation slice there is nothing to choose by: the average, when there is one, is kept.
-        improved = best.offer(epoch, m, net) and "*" if ema is None or val_rows else ""
+        improved = (best.offer(epoch, m, net) and "*") if ema is None or val_rows else ""
         if ema is not None:
             # The average as one more candidate, swapped in to be validated (and kept), then back to train on.
             ema.swap()
@@ -559,7 +568,8 @@ class _Run:
             tensors.update({f"ema.{i}": t for i, t in enumerate(ema.shadow)})
         if best.state is not None:
             tensors.update(prefixed("best", best.state))
-        meta = {"epochs": self.epochs, "epoch": self.epoch, "step": self.step, "seen": self.seen, "correct": self.correct,
+        meta = {"epochs": self.epochs, "epoch": self.epoch, "step": self.step, "seen": self.seen,
+                "correct": self.correct,
                 "loss_sum": self.loss_sum, "images_trained": self.images_trained,
                 "seconds_training": self.seconds_training, "elapsed": elapsed, "history": self.history,
                 "stopped": stopped, "optimizer": opt_meta, "scheduler": sched.state_dict(),
